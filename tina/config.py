@@ -1,0 +1,250 @@
+"""Every stage's configuration, in one place.
+
+Each stage has a dataclass with a comment on every field; `PipelineConfig` gathers them. YAML files
+in `configs/` hold the same nested keys (`data:`, `arch:`, `zoo:` ...); unknown keys are an error so
+that a typo never silently falls back to a default. CLI flags override single fields with dotted
+paths, e.g. `--set zoo.n_pmodels=40 --set train.steps=200`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tina.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist+mnist"  # registry name in tina.data
+    root: str | None = None  # data root; None -> $TINA_DATA_DIR, else ./data
+    download: bool = False  # only an explicit flag ever downloads
+    # square image side in pixels; None: native (28 MNIST-likes, 32 CIFAR), 32 for folder datasets
+    image_size: int | None = None
+    # classes held out of everything (generic, zoo, image encoder); named, never indices
+    held_out: list[str] = field(
+        default_factory=lambda: ["Shirt", "Sandal", "digit 3", "digit 7"]
+    )
+    # class pairs that never appear together in one zoo task; ood tasks hold at least one
+    forbidden_pairs: list[list[str]] = field(
+        default_factory=lambda: [
+            ["Pullover", "T-shirt/top"],
+            ["Pullover", "Coat"],
+            ["Pullover", "Dress"],
+            ["digit 4", "digit 1"],
+            ["digit 4", "digit 9"],
+            ["digit 4", "digit 6"],
+        ]
+    )
+
+
+@dataclass
+class ArchConfig:
+    name: str = "cnn-1k"  # registry name in tina.backbones (cnn-5k, cnn-14k, cnn-33k, cnn-76k, ...)
+    head_only: bool = False  # True: generate only the linear head; the body is the generic body
+
+
+@dataclass
+class GenericConfig:
+    max_epochs: int = 20  # upper bound; training stops when val accuracy stops improving
+    patience: int = 2  # epochs without val improvement before stopping
+    batch_size: int = 256
+    lr: float = 3e-3  # Adam
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class ZooConfig:
+    n_pmodels: int = 300  # p-models in the zoo
+    k: int = 10  # classes per zoo task (K_max of the generator)
+    epochs: float = 1.0  # fine-tuning epochs over the task's training images
+    batch_size: int = 128
+    lr: float = 2e-3  # Adam, from the generic model's weights
+    max_train_images: int | None = 20000  # cap on a task's training images per p-model
+    seed: int = 0
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "minilm"  # minilm | clip
+    clip_model: str = "ViT-B-32"  # open_clip architecture name, or an open_clip JSON config path
+    clip_pretrained: str | None = None  # a pretrained tag in the local cache, or a weights file
+    device: str = "cpu"
+    clip_cache_dir: str | None = None  # cache holding pretrained tags; None -> HF/open_clip default
+    batch_size: int = 64  # texts or images per forward pass of the encoder
+    cache_dir: str | None = None  # on-disk embedding cache per encoder version; None: memory only
+    # image prompts without CLIP image weights: a DeViSE map from generic features to text space
+    image_encoder_epochs: int = 5
+    image_encoder_lr: float = 1e-3
+
+
+@dataclass
+class TokenConfig:
+    chunk_size: int = 576  # at most this many values per parameter token; never crosses a layer
+    # what is diffused: "raw" p-model parameters, or the "residual" p-model minus the generic
+    # model with head rows gathered in prompt order (G.pt diffuses relative to start parameters)
+    parametrization: str = "residual"
+    normalization: str = "layer"  # "layer": per-layer standardization; "global": one scale
+    # "rows": one token per head row, so class token i and head-row token i line up (ours);
+    # "chunks": the head is chunked like any other layer (the paper)
+    head_tokens: str = "rows"
+
+
+@dataclass
+class DiTConfig:
+    preset: str | None = "tina-s"  # named size in tina.dit.PRESETS; overrides width/depth/heads
+    width: int = 256
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    conditioning: str = "tokens"  # "tokens" (G.pt: timestep as a token) or "adaln" (adaLN-Zero)
+    dropout: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    steps: int = 1000  # DDPM training steps (T)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    schedule: str = "linear"
+    prediction: str = "x0"  # the network predicts the clean parameters
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2500  # optimizer steps
+    batch_size: int = 64
+    lr: float = 4e-4  # AdamW
+    weight_decay: float = 0.1
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 0
+    grad_clip: float = 0.1
+    ema_decay: float = 0.9999  # ramped as min(decay, (1+n)/(10+n))
+    null_prompt_p: float = 0.1  # probability of the null prompt (unconditional / guidance)
+    sub_prompt_p: float = 0.3  # probability of training on a random sub-prompt of K < K_max
+    unseen_row_p: float = 0.5  # probability of pretending one class is unseen (base row swapped)
+    augment: bool = True  # classifier augmentation: shuffle the prompt, permute head rows
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads for this process
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 50  # sampler steps (DDPM always uses all diffusion steps)
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = none
+    use_ema: bool = True
+
+
+@dataclass
+class EvalConfig:
+    n_val: int = 20
+    n_id: int = 30
+    n_ood: int = 50
+    n_unseen: int = 50
+    n_variable_k: int = 20  # tasks for each K in variable_ks
+    variable_ks: list[int] = field(default_factory=lambda: [2, 5, 10])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    image_draws: int = 3
+    n_ddpm_tasks: int = 30  # ood tasks also scored with 1000-step DDPM
+    guidance_grid: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])
+    steps_grid: list[int] = field(default_factory=lambda: [20, 50])
+    bootstrap: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    generic: GenericConfig = field(default_factory=GenericConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0  # master seed; `--seed N` shifts every stage's seed by N
+    note: str = ""  # free text, e.g. "not run at scale here"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def sha256(self) -> str:
+        """SHA-256 of the resolved config as canonical JSON."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}{key}: unknown key; known keys: {sorted(fields)}")
+        ftype = fields[key].type
+        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+            kwargs[key] = _from_dict(sub, value, f"{where}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+_DATACLASSES: dict[str, type] = {
+    c.__name__: c
+    for c in (DataConfig, ArchConfig, GenericConfig, ZooConfig, EncoderConfig, TokenConfig,
+              DiTConfig, DiffusionConfig, TrainConfig, SampleConfig, EvalConfig)
+}
+
+
+def from_dict(data: dict[str, Any]) -> PipelineConfig:
+    """Build a PipelineConfig from nested dicts. Raises ConfigError on unknown keys."""
+    return _from_dict(PipelineConfig, data or {}, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                seed: int | None = None) -> PipelineConfig:
+    """Load a YAML config, apply `key.sub=value` overrides (values parsed as YAML) and a seed shift.
+
+    Raises:
+        ConfigError: missing file, unknown key or malformed override.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; see configs/ for examples")
+        data = yaml.safe_load(p.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    cfg = from_dict(data)
+    if seed is not None:
+        shift_seed(cfg, seed)
+    return cfg
+
+
+def shift_seed(cfg: PipelineConfig, seed: int) -> None:
+    """Set the master seed and derive every stage's seed from it (in place)."""
+    cfg.seed = seed
+    cfg.generic.seed = seed
+    cfg.zoo.seed = seed
+    cfg.train.seed = seed
+    cfg.eval.seed = seed

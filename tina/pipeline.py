@@ -1,0 +1,227 @@
+"""The main job: generic model -> zoo -> image encoder -> generator -> evaluation -> report.
+
+    tina pipeline --config configs/demo.yaml --out runs/demo [--seed 1] [--set train.steps=500]
+
+Every stage writes its artifact under `--out` (safetensors + JSON) and is skipped on a re-run when
+its artifact exists, so an interrupted run resumes; the zoo resumes p-model by p-model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tina.backbones import ParamLayout, SmallCNN, build_model
+from tina.config import PipelineConfig
+from tina.data import PREPROCESSING, ImageSet, dataset_info, load_split, to_float
+from tina.encoders import ImagePromptEncoder, PromptEncoder, build_encoder, train_devise
+from tina.evaluate import EvalContext, evaluate, select_on_val, time_generation
+from tina.generate import Generator
+from tina.report import write_report
+from tina.tasks import LabelSpace, Splits, make_splits
+from tina.train import train_generator
+from tina.zoo import ZooStore, build_zoo, finetune_pmodel, train_generic
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this code runs from, with '+dirty' when files are modified."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """nproc and CPU model, recorded with every figure."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "torch_threads": torch.get_num_threads()}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _save_model(model: SmallCNN, path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+
+def stage_generic(cfg: PipelineConfig, out: Path, train: ImageSet, val: ImageSet,
+                  space: LabelSpace) -> tuple[SmallCNN, torch.Tensor]:
+    """Train (or load) the generic model; returns it and has_row (N,) bool."""
+    path = out / "generic" / "model.safetensors"
+    model = build_model(cfg.arch.name, train.images.shape[1], len(space.classes))
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        meta = json.loads(path.with_suffix(".json").read_text())
+    else:
+        model, meta = train_generic(cfg.arch.name, train, val, space.seen_ids, cfg.generic)
+        meta |= {"arch": cfg.arch.name, "classes": space.classes}
+        _save_model(model, path, meta)
+    return model.eval(), torch.tensor(meta["has_row"])
+
+
+def stage_zoo(cfg: PipelineConfig, out: Path, splits: Splits, generic: SmallCNN,
+              train: ImageSet, val: ImageSet) -> tuple[list, torch.Tensor]:
+    store = ZooStore(out / "zoo")
+    build_zoo(store, splits.zoo, generic, cfg.arch.name, train, val, cfg.zoo, cfg.data.dataset,
+              head_only=cfg.arch.head_only)
+    store.merge()
+    return store.load()
+
+
+def stage_image_encoder(cfg: PipelineConfig, out: Path, encoder: PromptEncoder,
+                        generic: SmallCNN, has_row: torch.Tensor, train: ImageSet,
+                        space: LabelSpace) -> Any:
+    """CLIP's own image tower, or a DeViSE map from generic features trained on seen classes."""
+    if cfg.encoder.name == "clip":
+        return encoder
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = to_float(images)
+            f = generic.features(x)
+            return torch.cat([f, generic.fc(f)[:, has_row]], dim=1)
+
+    path = out / "image_encoder"
+    if (path / "image_encoder.json").is_file():
+        return ImagePromptEncoder.load(path, features)
+    seen = train.task(space.seen_ids)
+    feats = torch.cat([features(seen.images[i: i + 4096]) for i in range(0, len(seen), 4096)])
+    class_emb = encoder.encode_text([space.classes[c] for c in space.seen_ids])
+    devise = train_devise(feats, seen.labels, class_emb, cfg.encoder.image_encoder_epochs,
+                          cfg.encoder.image_encoder_lr, cfg.seed)
+    enc = ImagePromptEncoder(features, devise)
+    enc.save(path, text_encoder_version=encoder.version)
+    return enc
+
+
+def stage_generator(cfg: PipelineConfig, out: Path, space: LabelSpace, generic: SmallCNN,
+                    has_row: torch.Tensor, encoder: PromptEncoder, zoo_entries: list,
+                    zoo_flats: torch.Tensor, in_channels: int) -> tuple[Generator, dict]:
+    path = out / "generator"
+    if (path / "tina.json").is_file():
+        return Generator.from_checkpoint(path, encoder), json.loads(
+            (path / "train_history.json").read_text())
+    template = build_model(cfg.arch.name, in_channels, cfg.zoo.k)
+    names = ["fc.weight", "fc.bias"] if cfg.arch.head_only else None
+    layout = ParamLayout(template, names)
+    generic_layout = ParamLayout(generic)
+    generic_flat = generic_layout.flatten({k: v.detach() for k, v in generic.named_parameters()})
+    class_emb = encoder.encode_text(space.classes)
+    zoo_ids = torch.tensor([e.class_ids for e in zoo_entries])
+    if cfg.arch.head_only:
+        zoo_flats = zoo_flats[:, -layout.n_params:]  # the head is last in parameter order
+    meta = {
+        "arch": {"name": cfg.arch.name, "in_channels": in_channels, "k_max": cfg.zoo.k,
+                 "n_params": layout.n_params, "head_only": cfg.arch.head_only,
+                 "layout": layout.to_json()},
+        "label_space": {"dataset": cfg.data.dataset, "classes": space.classes,
+                        "held_out": space.held_out, "has_row": has_row.tolist()},
+        "encoder": {"name": encoder.name, "version": encoder.version, "dim": encoder.dim},
+        "preprocessing": PREPROCESSING, "n_zoo": len(zoo_entries),
+        "git_commit": git_commit(), "config_sha256": cfg.sha256(), "config": cfg.to_dict(),
+    }
+    gen, hist = train_generator(cfg, layout, generic_flat, generic_layout, has_row, class_emb,
+                                zoo_flats, zoo_ids, meta)
+    gen.encoder = encoder
+    gen.save(path)
+    (path / "train_history.json").write_text(json.dumps(hist))
+    return gen, hist
+
+
+def finetune_timing(cfg: PipelineConfig, generic: SmallCNN, train: ImageSet,
+                    splits: Splits, n: int = 3) -> float:
+    """Median seconds to fine-tune one p-model with the zoo's recipe (the cost Tina avoids)."""
+    times = []
+    for i, task in enumerate(splits.ood[:n]):
+        t0 = time.perf_counter()
+        finetune_pmodel(generic, cfg.arch.name, task, train, cfg.zoo, seed=10**6 + i)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dict:
+    """Run every stage and write report.json, report.md and plots under `out`; return the report."""
+    torch.set_num_threads(cfg.train.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    t_start, stages = time.perf_counter(), {}
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        stages[name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    info = dataset_info(cfg.data.dataset)
+    load = dict(root=cfg.data.root, download=cfg.data.download)
+    train, val, test = (timed(f"data_{s}", load_split, cfg.data.dataset, s, *load.values())
+                        for s in ("train", "val", "test"))
+    space = LabelSpace(info.classes, cfg.data.held_out)
+    splits = make_splits(space, cfg.data.forbidden_pairs, cfg.zoo.k, cfg.zoo.n_pmodels, cfg.eval,
+                         cfg.seed)
+    (out / "splits.json").write_text(json.dumps(splits.to_json()))
+    generic, has_row = timed("generic", stage_generic, cfg, out, train, val, space)
+    zoo_entries, zoo_flats = timed("zoo", stage_zoo, cfg, out, splits, generic, train, val)
+    encoder = timed("encoder", build_encoder, cfg.encoder)
+    image_encoder = timed("image_encoder", stage_image_encoder, cfg, out, encoder, generic,
+                          has_row, train, space)
+    gen, hist = timed("generator", stage_generator, cfg, out, space, generic, has_row, encoder,
+                      zoo_entries, zoo_flats, info.in_channels)
+    ctx = EvalContext(cfg=cfg, generator=gen, generic=generic, has_row=has_row,
+                      zoo_entries=zoo_entries, zoo_flats=zoo_flats, train=train, val=val,
+                      test=test, encoder=encoder, image_encoder=image_encoder, splits=splits)
+    choice = timed("select_on_val", select_on_val, ctx)
+    # the val-selected sampler settings become the checkpoint's defaults (serving uses them)
+    gen.meta["sample"] |= {"steps": choice["steps"], "guidance": choice["guidance"],
+                           "use_ema": choice["use_ema"]}
+    (out / "generator" / "tina.json").write_text(json.dumps(gen.meta, indent=2))
+    split_results = timed("evaluate", evaluate, ctx, choice)
+    gen_timing = timed("timing", time_generation, ctx, choice)
+    ft_s = finetune_timing(cfg, generic, train, splits)
+    report = {
+        "dataset": cfg.data.dataset, "encoder": f"{encoder.name} ({encoder.version})",
+        "arch": cfg.arch.name, "n_params": gen.layout.n_params, "k_max": cfg.zoo.k,
+        "n_zoo": len(zoo_entries), "held_out_classes": cfg.data.held_out,
+        "forbidden_pairs": cfg.data.forbidden_pairs, "sampler": cfg.sample.sampler,
+        "steps": choice["steps"], "guidance": choice["guidance"], "use_ema": choice["use_ema"],
+        "val_selection": choice, "seeds": cfg.eval.seeds, "seed": cfg.seed,
+        "git_commit": git_commit(), "command": command, "machine": machine(),
+        "sha256": {"config": cfg.sha256(), "zoo_manifest": sha256_file(out / "zoo" / "manifest.jsonl"),
+                   "checkpoint": sha256_file(out / "generator" / "tina.safetensors")},
+        "generator": {"dit_params": gen.meta["dit"]["n_params"], "train_s": hist["train_s"],
+                      "final_loss": sum(hist["loss"][-50:]) / max(1, len(hist["loss"][-50:]))},
+        "splits": split_results,
+        "timing": {"generate_s_per_model": gen_timing, "finetune_s_per_model": ft_s,
+                   "stages_s": stages, "pipeline_wall_s": round(time.perf_counter() - t_start, 2)},
+    }
+    write_report(report, out)
+    return report

@@ -1,0 +1,173 @@
+"""Training the Tina generator: DDPM with x0-prediction over zoo p-models (Tina sec. 3).
+
+`train_generator` is the one training loop; a plain process calls it directly, and a Ray Train
+worker calls it with a `report` callback (DDP wrapping, reporting and checkpoint hand-off are the
+worker's business). Per step it draws a batch of p-models and applies, in order:
+1. classifier augmentation (Tina sec. 3.3): a random order of the prompt and the same permutation
+   of the head rows (weight rows and biases);
+2. classification-sequence padding: with probability `sub_prompt_p` only the first k < K_max
+   classes are kept; the other rows are zero, their class tokens masked and their values left out
+   of the loss;
+3. unseen-class simulation: with probability `unseen_row_p` one class is treated as unknown (its
+   base row is the nearest *other* seen class's row, flag set), which is what held-out classes,
+   free text and image prompts look like at generation time;
+4. null-prompt dropout with probability `null_prompt_p` (classifier-free guidance, Ho & Salimans
+   2022);
+then the x0-prediction MSE at a uniform timestep (Ho et al. 2020 with x0 parametrization), AdamW,
+linear warm-up + cosine decay, gradient clipping, and an EMA with warm-up
+min(decay, (1 + n) / (10 + n)).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tina.backbones import ParamLayout
+from tina.conditioning import Conditioner
+from tina.config import PipelineConfig
+from tina.diffusion import create_diffusion
+from tina.dit import build_dit
+from tina.generate import FORMAT_VERSION, Generator, Parts
+from tina.tokens import ParamNormalizer, ParamTokenizer, ResidualBase, pad_rows
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
+    """Linear warm-up to base_lr over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA with warm-up: d = min(decay, (1 + n) / (10 + n)) (as in TF's ExponentialMovingAverage)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+
+
+class Batcher:
+    """Draws augmented, padded training batches (x0 tokens, model kwargs, loss mask)."""
+
+    def __init__(self, cfg: PipelineConfig, layout: ParamLayout, tokenizer: ParamTokenizer,
+                 normalizer: ParamNormalizer, base: ResidualBase, conditioner: Conditioner,
+                 zoo_flats: torch.Tensor, zoo_ids: torch.Tensor, residual: bool):
+        self.cfg, self.layout, self.tok, self.norm = cfg, layout, tokenizer, normalizer
+        self.base, self.cond, self.flats, self.ids, self.residual = (
+            base, conditioner, zoo_flats, zoo_ids, residual)
+        self.row_index = layout.row_index()
+
+    def __call__(self, b: int, gen: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        tc, kmax = self.cfg.train, self.layout.k
+        j = torch.randint(len(self.flats), (b,), generator=gen)
+        flat, ids = self.flats[j], self.ids[j]
+        if tc.augment:
+            perm = torch.argsort(torch.rand(b, kmax, generator=gen), dim=1)
+            flat, ids = self.layout.permute_rows(flat, perm), torch.gather(ids, 1, perm)
+        k = torch.full((b,), kmax)
+        sub = torch.rand(b, generator=gen) < tc.sub_prompt_p
+        k[sub] = torch.randint(2, kmax, (int(sub.sum()),), generator=gen)
+        flat = pad_rows(self.layout, flat, k)
+        real = torch.arange(kmax)[None] < k[:, None]
+        known = torch.where(real, ids, torch.full_like(ids, -1))
+        exclude = torch.full_like(ids, -1)
+        hide = torch.rand(b, generator=gen) < tc.unseen_row_p
+        pos = (torch.rand(b, generator=gen) * k).long()
+        rows = torch.arange(b)[hide]
+        exclude[rows, pos[hide]] = known[rows, pos[hide]]
+        known[rows, pos[hide]] = -1
+        c = self.cond.build(self.cond.class_emb[ids.clamp_min(0)], known, k, exclude)
+        target = flat - self.base(c.row_source) if self.residual else flat
+        x0 = self.tok.tokenize(self.norm.normalize(target))
+        # loss only on real values of real rows: padded rows are free at sampling time
+        value_w = torch.ones_like(flat)
+        value_w[:, self.row_index.reshape(-1)] = (
+            real[..., None].expand(-1, -1, self.row_index.shape[1]).reshape(b, -1).float())
+        mask = self.tok.tokenize(value_w) > 0
+        null = torch.rand(b, generator=gen) < tc.null_prompt_p
+        return x0, {"cond": c.cond, "class_mask": c.class_mask, "null": null}, mask
+
+
+def fit_targets(cfg: PipelineConfig, layout: ParamLayout, base: ResidualBase,
+                zoo_flats: torch.Tensor, zoo_ids: torch.Tensor) -> ParamNormalizer:
+    """Normalization statistics of what is diffused (raw p-models or residuals) over the zoo."""
+    x = zoo_flats - base(zoo_ids) if cfg.tokens.parametrization == "residual" else zoo_flats
+    return ParamNormalizer.fit(layout, x, cfg.tokens.normalization)
+
+
+def train_generator(cfg: PipelineConfig, layout: ParamLayout, generic_flat: torch.Tensor,
+                    generic_layout: ParamLayout, has_row: torch.Tensor, class_emb: torch.Tensor,
+                    zoo_flats: torch.Tensor, zoo_ids: torch.Tensor, meta: dict[str, Any],
+                    report: Callable[[int, dict], None] | None = None,
+                    progress: bool = True) -> tuple[Generator, dict]:
+    """Train a generator on the zoo.
+
+    Args:
+        layout: layout of the generated K_max-row model.
+        generic_flat: (P_generic,) float32 generic model with one row per label-space class.
+        has_row: (N,) bool; class_emb: (N, D) float32 label-space name embeddings.
+        zoo_flats: (M, P) float32 p-model parameters; zoo_ids: (M, K_max) int64 their classes.
+        meta: checkpoint metadata without the generator's own fields (arch, label space, encoder).
+        report: called as report(step, metrics) every 50 steps and at the end.
+    Returns:
+        (Generator, history {"loss": [...], "train_s", "steps_per_s"}).
+    """
+    torch.manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    base = ResidualBase(layout, generic_flat, generic_layout, has_row)
+    tok = ParamTokenizer(layout, cfg.tokens.chunk_size, cfg.tokens.head_tokens)
+    norm = fit_targets(cfg, layout, base, zoo_flats, zoo_ids)
+    conditioner = Conditioner(class_emb, has_row, base, layout.k)
+    model = build_dit(cfg.dit, tok.token_lengths, conditioner.dim, layout.k)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    diffusion = create_diffusion(cfg.diffusion)
+    batcher = Batcher(cfg, layout, tok, norm, base, conditioner, zoo_flats, zoo_ids,
+                      cfg.tokens.parametrization == "residual")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
+    hist: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.train.steps), desc="generator", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.train.steps, cfg.train.warmup_steps, cfg.train.lr)
+        x0, kwargs, mask = batcher(cfg.train.batch_size, gen)
+        t = torch.randint(cfg.diffusion.steps, (x0.shape[0],), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen) * batcher.tok.mask
+        loss = diffusion.training_loss(model, x0, t, noise, kwargs, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        ema_update(ema, model, step, cfg.train.ema_decay)
+        hist.append(float(loss))
+        if step % 50 == 0 or step == cfg.train.steps - 1:
+            recent = sum(hist[-50:]) / len(hist[-50:])
+            bar.set_postfix(loss=f"{recent:.4f}")
+            if report is not None:
+                report(step, {"loss": recent, "lr": opt.param_groups[0]["lr"]})
+    train_s = time.perf_counter() - t0
+    full_meta = {
+        **meta, "format_version": FORMAT_VERSION,
+        "tokens": {"chunk_size": cfg.tokens.chunk_size, "head_tokens": cfg.tokens.head_tokens,
+                   "parametrization": cfg.tokens.parametrization,
+                   "normalization": cfg.tokens.normalization,
+                   "n_tokens": tok.n_tokens, "token_len": tok.token_len},
+        "dit": {"config": cfg.dit.__dict__, "token_lengths": tok.token_lengths,
+                "cond_dim": conditioner.dim,
+                "n_params": sum(p.numel() for p in model.parameters())},
+        "diffusion": cfg.diffusion.__dict__,
+        "sample": cfg.sample.__dict__,
+        "train": cfg.train.__dict__,
+    }
+    parts = Parts(full_meta, model.eval(), ema.eval(), norm, generic_flat, has_row, class_emb)
+    return Generator(parts), {"loss": hist, "train_s": train_s,
+                              "steps_per_s": cfg.train.steps / max(train_s, 1e-9)}

@@ -1,0 +1,228 @@
+"""The generic model, p-model fine-tuning and the zoo store (Tina sec. 3.1).
+
+- `train_generic`: one classifier over the label space, trained on the seen classes only until its
+  validation accuracy stops improving. Its head has one row per label-space class; rows of
+  held-out classes are zero and masked out of the loss, so "the generic model lacks that class".
+- `finetune_pmodel`: a p-model for an ordered task, initialized from the generic model with head
+  row i = generic row of prompt class i (zero where the generic model lacks the class), labels
+  re-indexed to prompt order, fine-tuned on the task's training images.
+- `ZooStore`: one safetensors file per p-model plus one manifest shard per writer
+  (`manifest-<writer>.jsonl`), merged into `manifest.jsonl`; atomic writes; a re-run skips entries
+  already stored, so the store is safe for several writers on shared storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from tina.backbones import ParamLayout, SmallCNN, build_model
+from tina.config import GenericConfig, ZooConfig
+from tina.data import ImageSet, to_float
+from tina.scoring import accuracy, logits_of
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator, epochs: float):
+    steps = max(1, int(round(epochs * n / batch_size)))
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos: pos + batch_size]
+        pos += batch_size
+
+
+def train_generic(arch: str, train: ImageSet, val: ImageSet, seen_ids: Sequence[int],
+                  cfg: GenericConfig, progress: bool = True) -> tuple[SmallCNN, dict]:
+    """Train the generic model on the seen classes' training images.
+
+    Args:
+        train, val: label-space ImageSets (labels index `train.classes`, N classes).
+        seen_ids: label-space ids the generic model may see; other classes' images are dropped
+            and their head rows stay zero.
+    Returns:
+        (model with N head rows, history {"val_acc": [...], "epochs": e, "train_s": s}).
+    """
+    torch.manual_seed(cfg.seed)
+    n = len(train.classes)
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[list(seen_ids)] = True
+    tr = train.task(sorted(seen_ids))
+    va = val.task(sorted(seen_ids))
+    remap = torch.tensor(sorted(seen_ids))
+    model = build_model(arch, train.images.shape[1], n)
+    with torch.no_grad():
+        model.fc.weight[~seen] = 0
+        model.fc.bias[~seen] = 0
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, best_state, bad, hist = -1.0, None, 0, []
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.max_epochs), desc="generic", disable=not progress)
+    for _ in bar:
+        model.train()
+        for idx in _batches(len(tr), cfg.batch_size, gen, 1.0):
+            logits = model(to_float(tr.images[idx])).masked_fill(~seen, float("-inf"))
+            loss = F.cross_entropy(logits, remap[tr.labels[idx]])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        acc = float(accuracy(logits_of(model, va.images)[:, remap], va.labels))
+        hist.append(acc)
+        bar.set_postfix(val_acc=f"{acc:.4f}")
+        if acc > best:
+            best, bad = acc, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    return model, {"val_acc": hist, "best_val_acc": best, "epochs": len(hist),
+                   "train_s": time.perf_counter() - t0, "has_row": seen.tolist()}
+
+
+def init_pmodel(generic: SmallCNN, arch: str, task: Sequence[int]) -> SmallCNN:
+    """A K-row model whose body is the generic body and head row i the generic row of task[i]."""
+    model = build_model(arch, generic.body[0].in_channels, len(task))
+    state = {k: v for k, v in generic.state_dict().items() if not k.startswith("fc.")}
+    state["fc.weight"] = generic.fc.weight.detach()[list(task)].clone()
+    state["fc.bias"] = generic.fc.bias.detach()[list(task)].clone()
+    model.load_state_dict(state)
+    return model
+
+
+def finetune_pmodel(generic: SmallCNN, arch: str, task: Sequence[int], train: ImageSet,
+                    cfg: ZooConfig, seed: int, head_only: bool = False) -> SmallCNN:
+    """Fine-tune a p-model for the ordered `task` (label-space ids) from the generic model.
+
+    Labels are re-indexed to prompt order (output i means task[i]). Uses Adam for `cfg.epochs`
+    passes over at most `cfg.max_train_images` of the task's training images.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    data = train.task(task)
+    if cfg.max_train_images and len(data) > cfg.max_train_images:
+        keep = torch.randperm(len(data), generator=gen)[: cfg.max_train_images]
+        data = ImageSet(data.images[keep], data.labels[keep], data.classes)
+    model = init_pmodel(generic, arch, task)
+    params = model.fc.parameters() if head_only else model.parameters()
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    steps = max(1, int(round(cfg.epochs * len(data) / cfg.batch_size)))
+    # linear decay to 0: the last iterate, not a noisy constant-lr one, becomes the p-model
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=steps)
+    model.train()
+    for idx in _batches(len(data), cfg.batch_size, gen, cfg.epochs):
+        loss = F.cross_entropy(model(to_float(data.images[idx])), data.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@dataclass
+class ZooEntry:
+    """One manifest line."""
+
+    id: str
+    dataset: str
+    arch: str
+    classes: list[str]
+    class_ids: list[int]
+    seed: int
+    train_size: int
+    val_acc: float
+    n_params: int
+    file: str
+    finetune_s: float
+
+
+class ZooStore:
+    """A directory of p-models: params/<id>.safetensors + manifest shards + merged manifest."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        (self.root / "params").mkdir(parents=True, exist_ok=True)
+
+    def entries(self) -> list[ZooEntry]:
+        """Every stored entry (from all shards) whose parameter file exists, sorted by id."""
+        found: dict[str, ZooEntry] = {}
+        for shard in sorted(self.root.glob("manifest-*.jsonl")):
+            for line in shard.read_text().splitlines():
+                try:
+                    e = ZooEntry(**json.loads(line))
+                except (json.JSONDecodeError, TypeError):
+                    continue  # a line cut short by a crash; its p-model is redone
+                if (self.root / e.file).is_file():
+                    found[e.id] = e
+        return [found[k] for k in sorted(found)]
+
+    def put(self, entry: ZooEntry, flat: torch.Tensor, writer: str = "0") -> None:
+        """Store one p-model atomically: parameters first (temp + rename), then its manifest line."""
+        path = self.root / entry.file
+        tmp = path.with_suffix(".tmp")
+        save_file({"params": flat.detach().contiguous()}, str(tmp),
+                  metadata={"id": entry.id, "arch": entry.arch})
+        os.replace(tmp, path)
+        with open(self.root / f"manifest-{writer}.jsonl", "a") as f:
+            f.write(json.dumps(entry.__dict__) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def merge(self) -> Path:
+        """Write manifest.jsonl (all shards, sorted by id) atomically; return its path."""
+        out = self.root / "manifest.jsonl"
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e.__dict__) + "\n" for e in self.entries()))
+        os.replace(tmp, out)
+        return out
+
+    def load(self) -> tuple[list[ZooEntry], torch.Tensor]:
+        """All entries and their parameters stacked (M, P) float32."""
+        entries = self.entries()
+        flats = [load_file(str(self.root / e.file))["params"] for e in entries]
+        return entries, torch.stack(flats) if flats else torch.empty(0)
+
+
+def build_zoo(store: ZooStore, tasks: Sequence[tuple[int, ...]], generic: SmallCNN, arch: str,
+              train: ImageSet, val: ImageSet, cfg: ZooConfig, dataset: str,
+              indices: Sequence[int] | None = None, writer: str = "0", head_only: bool = False,
+              val_per_class: int = 200, progress: bool = True) -> list[ZooEntry]:
+    """Fine-tune and store the p-models for `tasks[i]`, i in `indices` (default: all), skipping
+    ids already stored. Entry i has id `pm-{i:05d}` and seed `cfg.seed * 100003 + i`.
+
+    Returns the entries written by this call.
+    """
+    done = {e.id for e in store.entries()}
+    todo = [i for i in (range(len(tasks)) if indices is None else indices)
+            if f"pm-{i:05d}" not in done]
+    written = []
+    for i in tqdm(todo, desc=f"zoo[{writer}]", disable=not progress):
+        task = tasks[i]
+        seed = cfg.seed * 100003 + i
+        t0 = time.perf_counter()
+        model = finetune_pmodel(generic, arch, task, train, cfg, seed, head_only)
+        dt = time.perf_counter() - t0
+        v = val.task(task, max_per_class=val_per_class)
+        acc = float(accuracy(logits_of(model, v.images), v.labels))
+        layout = ParamLayout(model)
+        flat = layout.flatten({k: p.detach() for k, p in model.named_parameters()})
+        entry = ZooEntry(
+            id=f"pm-{i:05d}", dataset=dataset, arch=arch,
+            classes=[train.classes[c] for c in task], class_ids=list(task), seed=seed,
+            train_size=min(len(train.task(task)), cfg.max_train_images or 10**12), val_acc=acc,
+            n_params=layout.n_params, file=f"params/pm-{i:05d}.safetensors", finetune_s=dt)
+        store.put(entry, flat, writer)
+        written.append(entry)
+    return written
