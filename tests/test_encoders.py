@@ -1,4 +1,4 @@
-"""Specification of tina.encoders: prompt encoders, embedding cache, DeViSE image prompts."""
+"""Specification of tina.encoders (prompt encoders, embedding cache) and tina.image_prompts."""
 
 from __future__ import annotations
 
@@ -15,18 +15,13 @@ from clip_fixture import TINY_CLIP_CONFIG, save_random_clip, write_tiny_clip_con
 from tina.config import EncoderConfig
 from tina.encoders import (
     CLIPEncoder,
-    DeViSEImageEncoder,
     EmbeddingCache,
-    ImagePromptEncoder,
     MiniLMEncoder,
     NoImageTowerError,
     _cached_tag_file,
     _clip_pixels,
     build_encoder,
-    devise_rank_loss,
-    encode_prompt_images,
     needs_forced_quick_gelu,
-    train_devise,
 )
 from tina.errors import (
     CheckpointError,
@@ -34,6 +29,13 @@ from tina.errors import (
     PromptError,
     TinaError,
     WeightsNotFoundError,
+)
+from tina.image_prompts import (
+    DeViSEImageEncoder,
+    ImagePromptEncoder,
+    devise_rank_loss,
+    encode_prompt_images,
+    train_devise,
 )
 
 torch.set_num_threads(2)

@@ -8,11 +8,12 @@ with `torch.func.functional_call` under `torch.func.vmap` (no state dicts copied
 
 Parameter counts for 1-channel 28x28 inputs and K=10 (3-channel counts in brackets):
     cnn-400  conv 1->4 s2, 4->8 s2                       414   (the capacity-limited probe CNN)
-    cnn-1k   conv 1->8 s2, 8->16 s2                    1,394   (offline default: room to personalize)
+    cnn-1k   conv 1->8 s2, 8->16 s2                    1,394   (offline default)
     cnn-5k   conv 1->16 s2, 16->32                     5,082   [5,370: the paper's CNN]
     cnn-14k  conv 1->16 s2, 16->32, 32->32            14,298   [14,586: paper's 14.6k variant]
     cnn-33k  + 32->64                                 33,050   [33,338: paper's 33k variant]
-    cnn-76k  conv 1->32 s2, 32->32, 32->32 s2, ->64, ->64  74,666  [75,242: nearest to the paper's 76k]
+    cnn-76k  conv 1->32 s2, 32->32, 32->32 s2, ->64, ->64
+                                                      74,666   [75,242: nearest to paper's 76k]
 The paper gives only rounded counts for its scaling variants; these layouts are the nearest
 conv-conv-...-pool-linear stacks, and every artifact records the exact count.
 """
@@ -138,7 +139,8 @@ class ParamLayout:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """flat (B, P) or (P,) -> {name: (B, *shape) or (*shape)} views into `flat`."""
         if flat.shape[-1] != self.n_params:
-            raise ValueError(f"flat vector has {flat.shape[-1]} values, layout needs {self.n_params}")
+            raise ValueError(f"flat vector has {flat.shape[-1]} values, layout needs "
+                             f"{self.n_params}")
         lead = flat.shape[:-1]
         return {s.name: flat[..., s.offset: s.offset + s.numel].reshape(*lead, *s.shape)
                 for s in self.specs}

@@ -25,7 +25,8 @@ class Conditioning:
 
     cond: torch.Tensor  # (B, K_max, E) float32 class-token features
     class_mask: torch.Tensor  # (B, K_max) bool, True = real class
-    row_source: torch.Tensor  # (B, K_max) int64 label-space id whose generic row is the base; -1 none
+    # (B, K_max) int64 label-space id whose generic row is the base; -1: none
+    row_source: torch.Tensor
     k: torch.Tensor  # (B,) int64 classes per prompt
 
 

@@ -172,7 +172,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0  # master seed; `--seed N` shifts every stage's seed by N
+    seed: int = 0  # master seed; `--seed N` sets every stage's seed to N
     note: str = ""  # free text, e.g. "not run at scale here"
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,6 +196,12 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
             kwargs[key] = _from_dict(sub, value, f"{where}{key}.")
+        elif ftype == "float" and isinstance(value, int | str) and not isinstance(value, bool):
+            # YAML 1.1 (PyYAML) reads `1e-3` as a string and `2` as an int: both mean a float here
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}{key}: expected a number, got {value!r}") from None
         else:
             kwargs[key] = value
     return cls(**kwargs)
@@ -226,14 +232,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"config file {p} not found; see configs/ for examples")
         data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping of sections, got {data!r}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
         node[parts[-1]] = yaml.safe_load(raw)
     cfg = from_dict(data)
     if seed is not None:

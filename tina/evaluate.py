@@ -23,8 +23,8 @@ from tqdm import tqdm
 from tina.baselines import nearest_name_rows, ridge_rows, vote_names
 from tina.config import PipelineConfig
 from tina.data import to_float
-from tina.encoders import encode_prompt_images
 from tina.evaluator import EvalContext, Evaluator, Scores, TaskScore, derived_seed, mean_score
+from tina.image_prompts import encode_prompt_images
 from tina.tasks import Task, max_overlap, sample_prompt_images
 
 __all__ = ["EvalContext", "METHODS", "bootstrap_ci", "evaluate", "paired", "select_on_val",
@@ -32,7 +32,6 @@ __all__ = ["EvalContext", "METHODS", "bootstrap_ci", "evaluate", "paired", "sele
 
 METHODS = ("tina", "finetuned", "generic", "retrieval", "ridge", "nearest_name",
            "classify_then_text", "unconditional")
-DDPM_STEPS = 1000
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -70,8 +69,9 @@ def summarize(per_task: list[float], generic: list[float] | None,
 
 
 def _opts(choice: dict, cfg: PipelineConfig, sampler: str | None = None) -> dict:
+    """Generator.sample keyword arguments of a choice (DDPM always runs every diffusion step)."""
     sampler = sampler or choice.get("sampler", cfg.sample.sampler)
-    return {"sampler": sampler, "steps": choice["steps"] if sampler == "ddim" else DDPM_STEPS,
+    return {"sampler": sampler, "steps": choice["steps"] if sampler == "ddim" else None,
             "guidance": float(choice["guidance"]), "use_ema": bool(choice["use_ema"])}
 
 
@@ -237,18 +237,19 @@ def _unseen_extras(ev: Evaluator, tasks: list[Task], scores: Scores) -> dict:
 
 
 def _ddpm(ev: Evaluator, choice: dict, ood: dict) -> dict | None:
-    """tina with 1000-step ancestral DDPM on the first cfg.eval.n_ddpm_tasks ood tasks, seed 0."""
+    """tina with ancestral DDPM over every diffusion step (1000 by default) on the first
+    cfg.eval.n_ddpm_tasks ood tasks, seed cfg.eval.seeds[0]."""
     e, tasks = ev.cfg.eval, ev.ctx.splits.ood[: ev.cfg.eval.n_ddpm_tasks]
     if not tasks:
         return None
     opts = _opts(choice, ev.cfg, sampler="ddpm")
     items = ev.text_items([ev.names(t) for t in tasks], [e.seeds[0]] * len(tasks), opts)
-    ev.sample(items, opts, "ood: DDPM-1000 sampling")
+    ev.sample(items, opts, f"ood: DDPM-{ev.gen.diffusion.steps} sampling")
     acc = [ev.score("test", t, [it[0]])[0].acc for t, it in zip(tasks, items, strict=True)]
     n = len(tasks)
     ft = ood["finetuned"]["per_task"][:n] if ood.get("finetuned") else None
     return summarize(acc, ood["generic"]["per_task"][:n], ft, e.bootstrap, e.seed) | {
-        "n_tasks": n, "sampler": "ddpm", "steps": DDPM_STEPS}
+        "n_tasks": n, "sampler": "ddpm", "steps": ev.gen.diffusion.steps}
 
 
 def evaluate(ctx: EvalContext, choice: dict, progress: bool = True) -> dict:

@@ -34,6 +34,10 @@ from tina.zoo import ZooEntry, finetune_pmodel
 
 RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 MAX_PROMPTS = 64  # prompts per sampler call
+# images x models per forward pass: small CNNs run 4-8x faster per image when one pass's
+# activations stay in cache (measured on these 2-core machines: 0.035 s vs 0.17-0.25 s per
+# model on 10k 28x28 images at 1024 vs 8 x 2048)
+CHUNK_IMAGES = 1024
 
 
 @dataclass
@@ -132,8 +136,8 @@ class Evaluator:
     def _over_set(self, key: tuple, fn) -> torch.Tensor:
         if key not in self.memo:
             images = self.sets[key[-1]].images
-            self.memo[key] = torch.cat([fn(images[i: i + 4096])
-                                        for i in range(0, len(images), 4096)])
+            self.memo[key] = torch.cat([fn(images[i: i + CHUNK_IMAGES])
+                                        for i in range(0, len(images), CHUNK_IMAGES)])
         return self.memo[key]
 
     @torch.no_grad()
@@ -154,7 +158,7 @@ class Evaluator:
     def fixed_score(self, key: tuple, which: str, task: Task) -> TaskScore:
         """A task-independent generated model (the null prompt) scored from whole-set logits."""
         logits = self._over_set(("fixed", key, which), lambda x: batched_logits(
-            self.template, self.layout, self.flats[key][None], x)[0])
+            self.template, self.layout, self.flats[key][None], x, chunk=CHUNK_IMAGES)[0])
         idx, labels = self.rows(which, task)
         return task_scores(logits[idx][None], labels, len(task))[0]
 
@@ -165,7 +169,8 @@ class Evaluator:
             idx, labels = self.rows(which, task)
             images = self.sets[which].images[idx]
             flats = torch.stack([self.flats[k] for k in todo])
-            logits = batched_logits(self.template, self.layout, flats, images)
+            chunk = max(128, CHUNK_IMAGES // len(todo))  # B x chunk images fit in cache
+            logits = batched_logits(self.template, self.layout, flats, images, chunk=chunk)
             for k, s in zip(todo, task_scores(logits, labels, len(task)), strict=True):
                 self.memo[("own", k, which, task)] = s
         return [self.memo[("own", k, which, task)] for k in keys]

@@ -71,7 +71,8 @@ class Generator:
         t = self.meta["tokens"]
         self.tokenizer = ParamTokenizer(self.layout, t["chunk_size"], t["head_tokens"])
         self.residual = t["parametrization"] == "residual"
-        self.base = ResidualBase(self.layout, parts.generic_flat, self.generic_layout, parts.has_row)
+        self.base = ResidualBase(self.layout, parts.generic_flat, self.generic_layout,
+                                 parts.has_row)
         self.conditioner = Conditioner(parts.class_emb, parts.has_row, self.base, self.k_max)
         self.diffusion: GaussianDiffusion = create_diffusion_from_meta(self.meta)
         self.label_space = LabelSpace(self.meta["label_space"]["classes"],

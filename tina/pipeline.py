@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from tina.backbones import ParamLayout, SmallCNN, build_model
 from tina.config import PipelineConfig
 from tina.data import PREPROCESSING, ImageSet, dataset_info, load_split, to_float
-from tina.encoders import ImagePromptEncoder, PromptEncoder, build_encoder, train_devise
+from tina.encoders import PromptEncoder, build_encoder
 from tina.evaluate import EvalContext, evaluate, select_on_val, time_generation
 from tina.generate import Generator
+from tina.image_prompts import ImagePromptEncoder, train_devise
 from tina.report import write_report
 from tina.tasks import LabelSpace, Splits, make_splits
 from tina.train import train_generator
@@ -111,14 +112,14 @@ def stage_image_encoder(cfg: PipelineConfig, out: Path, encoder: PromptEncoder,
 
     path = out / "image_encoder"
     if (path / "image_encoder.json").is_file():
-        return ImagePromptEncoder.load(path, features)
+        return ImagePromptEncoder.load(path, features, text_encoder_version=encoder.version)
     seen = train.task(space.seen_ids)
     feats = torch.cat([features(seen.images[i: i + 4096]) for i in range(0, len(seen), 4096)])
     class_emb = encoder.encode_text([space.classes[c] for c in space.seen_ids])
     devise = train_devise(feats, seen.labels, class_emb, cfg.encoder.image_encoder_epochs,
                           cfg.encoder.image_encoder_lr, cfg.seed)
-    enc = ImagePromptEncoder(features, devise)
-    enc.save(path, text_encoder_version=encoder.version)
+    enc = ImagePromptEncoder(features, devise, text_encoder_version=encoder.version)
+    enc.save(path)
     return enc
 
 
@@ -215,7 +216,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dic
         "steps": choice["steps"], "guidance": choice["guidance"], "use_ema": choice["use_ema"],
         "val_selection": choice, "seeds": cfg.eval.seeds, "seed": cfg.seed,
         "git_commit": git_commit(), "command": command, "machine": machine(),
-        "sha256": {"config": cfg.sha256(), "zoo_manifest": sha256_file(out / "zoo" / "manifest.jsonl"),
+        "sha256": {"config": cfg.sha256(),
+                   "zoo_manifest": sha256_file(out / "zoo" / "manifest.jsonl"),
                    "checkpoint": sha256_file(out / "generator" / "tina.safetensors")},
         "generator": {"dit_params": gen.meta["dit"]["n_params"], "train_s": hist["train_s"],
                       "final_loss": sum(hist["loss"][-50:]) / max(1, len(hist["loss"][-50:]))},

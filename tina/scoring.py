@@ -44,5 +44,6 @@ def per_class_recall(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torc
     out = []
     for c in range(k):
         sel = labels == c
-        out.append(hit[..., sel].mean(-1) if bool(sel.any()) else torch.full(hit.shape[:-1], float("nan")))
+        out.append(hit[..., sel].mean(-1) if bool(sel.any())
+                   else torch.full(hit.shape[:-1], float("nan")))
     return torch.stack(out, dim=-1)

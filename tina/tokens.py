@@ -64,7 +64,7 @@ class ParamTokenizer:
 
 
 class ParamNormalizer:
-    """Standardize flat vectors with per-value mean/std expanded from per-layer (or global) stats."""
+    """Standardize flat vectors: per-value mean/std expanded from per-layer (or global) stats."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         self.mean, self.std = mean, std  # (P,) float32 each
@@ -126,7 +126,7 @@ class ResidualBase:
         self.template = template  # body values, zero head
 
     def __call__(self, row_source: torch.Tensor) -> torch.Tensor:
-        """row_source (B, K) int64 label-space ids whose generic rows fill head rows; -1 -> zero row.
+        """row_source (B, K) int64 label-space ids whose generic rows fill head rows; -1: zero row.
 
         Returns the base (B, P) float32.
         """

@@ -48,7 +48,7 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    """EMA with warm-up: d = min(decay, (1 + n) / (10 + n)) (as in TF's ExponentialMovingAverage)."""
+    """EMA with warm-up: d = min(decay, (1 + n) / (10 + n)), as TF's ExponentialMovingAverage."""
     d = min(decay, (1 + step) / (10 + step))
     for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
         pe.mul_(d).add_(pm.detach(), alpha=1 - d)
@@ -74,7 +74,8 @@ class Batcher:
             flat, ids = self.layout.permute_rows(flat, perm), torch.gather(ids, 1, perm)
         k = torch.full((b,), kmax)
         sub = torch.rand(b, generator=gen) < tc.sub_prompt_p
-        k[sub] = torch.randint(2, kmax, (int(sub.sum()),), generator=gen)
+        if kmax > 2:  # a sub-prompt keeps 2 <= k < K_max classes; none exists for K_max <= 2
+            k[sub] = torch.randint(2, kmax, (int(sub.sum()),), generator=gen)
         flat = pad_rows(self.layout, flat, k)
         real = torch.arange(kmax)[None] < k[:, None]
         known = torch.where(real, ids, torch.full_like(ids, -1))
@@ -148,25 +149,27 @@ def train_generator(cfg: PipelineConfig, layout: ParamLayout, generic_flat: torc
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         ema_update(ema, model, step, cfg.train.ema_decay)
-        hist.append(float(loss))
+        hist.append(loss.item())
         if step % 50 == 0 or step == cfg.train.steps - 1:
             recent = sum(hist[-50:]) / len(hist[-50:])
             bar.set_postfix(loss=f"{recent:.4f}")
             if report is not None:
                 report(step, {"loss": recent, "lr": opt.param_groups[0]["lr"]})
     train_s = time.perf_counter() - t0
+    # copies, not the config objects' own __dict__s: later edits of gen.meta (the val-selected
+    # sampler settings) must not change the caller's config
     full_meta = {
         **meta, "format_version": FORMAT_VERSION,
         "tokens": {"chunk_size": cfg.tokens.chunk_size, "head_tokens": cfg.tokens.head_tokens,
                    "parametrization": cfg.tokens.parametrization,
                    "normalization": cfg.tokens.normalization,
                    "n_tokens": tok.n_tokens, "token_len": tok.token_len},
-        "dit": {"config": cfg.dit.__dict__, "token_lengths": tok.token_lengths,
+        "dit": {"config": dict(vars(cfg.dit)), "token_lengths": tok.token_lengths,
                 "cond_dim": conditioner.dim,
                 "n_params": sum(p.numel() for p in model.parameters())},
-        "diffusion": cfg.diffusion.__dict__,
-        "sample": cfg.sample.__dict__,
-        "train": cfg.train.__dict__,
+        "diffusion": dict(vars(cfg.diffusion)),
+        "sample": dict(vars(cfg.sample)),
+        "train": dict(vars(cfg.train)),
     }
     parts = Parts(full_meta, model.eval(), ema.eval(), norm, generic_flat, has_row, class_emb)
     return Generator(parts), {"loss": hist, "train_s": train_s,

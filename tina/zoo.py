@@ -169,14 +169,21 @@ class ZooStore:
         return [found[k] for k in sorted(found)]
 
     def put(self, entry: ZooEntry, flat: torch.Tensor, writer: str = "0") -> None:
-        """Store one p-model atomically: parameters first (temp + rename), then its manifest line."""
+        """Store one p-model atomically: parameters (temp + rename), then its manifest line."""
         path = self.root / entry.file
         tmp = path.with_suffix(".tmp")
         save_file({"params": flat.detach().contiguous()}, str(tmp),
                   metadata={"id": entry.id, "arch": entry.arch})
         os.replace(tmp, path)
-        with open(self.root / f"manifest-{writer}.jsonl", "a") as f:
-            f.write(json.dumps(entry.__dict__) + "\n")
+        shard = self.root / f"manifest-{writer}.jsonl"
+        with open(shard, "a+b") as f:  # appends always go to the end, whatever was read
+            # a crash can leave the last line cut short: start a fresh line, or this entry's line
+            # would be glued to the torn one and lost with it
+            torn = False
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            f.write((("\n" if torn else "") + json.dumps(entry.__dict__) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 
