@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ArchConfig:
-    name: str = "cnn-1k"  # registry name in tina.backbones (cnn-5k, cnn-14k, cnn-33k, cnn-76k, ...)
+    name: str = "cnn-400"  # registry name in tina.backbones (cnn-5k, cnn-14k, cnn-33k, cnn-76k, ...)
     head_only: bool = False  # True: generate only the linear head; the body is the generic body
 
 
@@ -64,9 +64,9 @@ class GenericConfig:
 class ZooConfig:
     n_pmodels: int = 300  # p-models in the zoo
     k: int = 10  # classes per zoo task (K_max of the generator)
-    epochs: float = 1.0  # fine-tuning epochs over the task's training images
+    epochs: float = 3.0  # fine-tuning epochs over the task's training images
     batch_size: int = 128
-    lr: float = 2e-3  # Adam, from the generic model's weights
+    lr: float = 1e-2  # Adam from the generic model's weights, decayed linearly to 0
     max_train_images: int | None = 20000  # cap on a task's training images per p-model
     seed: int = 0
 

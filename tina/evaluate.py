@@ -23,7 +23,15 @@ from tqdm import tqdm
 from tina.baselines import nearest_name_rows, ridge_rows, vote_names
 from tina.config import PipelineConfig
 from tina.data import to_float
-from tina.evaluator import EvalContext, Evaluator, Scores, TaskScore, derived_seed, mean_score
+from tina.evaluator import (
+    EvalContext,
+    Evaluator,
+    Prompt,
+    Scores,
+    TaskScore,
+    derived_seed,
+    mean_score,
+)
 from tina.image_prompts import encode_prompt_images
 from tina.tasks import Task, max_overlap, sample_prompt_images
 
@@ -86,10 +94,10 @@ def _evaluator(ctx: EvalContext, progress: bool) -> Evaluator:
 def _val_tina(ev: Evaluator, opts: dict) -> float:
     tasks = ev.ctx.splits.val
     seed = ev.cfg.eval.seeds[0]
-    items = ev.text_items([ev.names(t) for t in tasks], [seed] * len(tasks), opts)
-    ev.sample(items, opts, "val sampling")
-    return statistics.fmean(ev.score("val", t, [it[0]])[0].acc
-                            for t, it in zip(tasks, items, strict=True))
+    prompts = ev.text_prompts([ev.names(t) for t in tasks], [seed] * len(tasks), opts)
+    ev.sample(prompts, opts, "val sampling")
+    return statistics.fmean(ev.score("val", t, [p.key])[0].acc
+                            for t, p in zip(tasks, prompts, strict=True))
 
 
 def select_on_val(ctx: EvalContext, progress: bool = True) -> dict:
@@ -115,6 +123,8 @@ def select_on_val(ctx: EvalContext, progress: bool = True) -> dict:
         grid.append({k: cand[k] for k in ("use_ema", "guidance", "steps")} | {"val_acc": acc})
         return acc
 
+    if not ctx.splits.val:  # nothing to choose with: keep the configured sampling
+        return best | {"val_acc": None, "grid": grid}
     score = trial(best)
     stages = [("use_ema", [not best["use_ema"]]), ("guidance", cfg.eval.guidance_grid)]
     if cfg.sample.sampler == "ddim":
@@ -130,23 +140,21 @@ def select_on_val(ctx: EvalContext, progress: bool = True) -> dict:
 
 # ------------------------------------------------------------------------------------ splits
 
-
-
 def _text_split(ev: Evaluator, name: str, tasks: list[Task], which: str, seeds: list[int],
                 opts: dict, finetuned: bool, nearest: bool) -> Scores:
     """Every text-prompt method on one split; tina and unconditional averaged over `seeds`."""
     s_n = len(seeds)
-    items = ev.text_items([ev.names(t) for t in tasks for _ in seeds],
-                          [s for _ in tasks for s in seeds], opts)
-    nulls = [ev.null_item(len(t), s, opts) for t in tasks for s in seeds]
-    ev.sample(items + nulls, opts, f"{name}: sampling")
+    prompts = ev.text_prompts([ev.names(t) for t in tasks for _ in seeds],
+                              [s for _ in tasks for s in seeds], opts)
+    nulls = [ev.null_prompt(len(t), s, opts) for t in tasks for s in seeds]
+    ev.sample(prompts + nulls, opts, f"{name}: sampling")
     if finetuned:
         for t in tqdm(tasks, desc=f"{name}: fine-tuning", disable=not ev.progress):
             ev.finetuned(t)
     w, b = ev.ridge()
     out: dict[str, list[TaskScore]] = {m: [] for m in METHODS}
     for i, t in enumerate(tqdm(tasks, desc=f"{name}: scoring", disable=not ev.progress)):
-        own = [it[0] for it in items[i * s_n:(i + 1) * s_n]] + [ev.retrieval(t)]
+        own = [p.key for p in prompts[i * s_n:(i + 1) * s_n]] + [ev.retrieval(t)]
         if finetuned:
             own.append(ev.finetuned(t))
         sc = ev.score(which, t, own)
@@ -161,8 +169,8 @@ def _text_split(ev: Evaluator, name: str, tasks: list[Task], which: str, seeds: 
         if nearest:
             out["nearest_name"].append(ev.head_score("nearest_name", which, t, nearest_name_rows(
                 t, ev.class_emb, ev.ctx.has_row, ev.generic_rows)))
-        out["unconditional"].append(mean_score([ev.fixed_score(nulls[i * s_n + j][0], which, t)
-                                           for j in range(s_n)]))
+        out["unconditional"].append(mean_score(
+            [ev.fixed_score(nulls[i * s_n + j].key, which, t) for j in range(s_n)]))
     return {m: (v or None) for m, v in out.items()}
 
 
@@ -177,7 +185,7 @@ def _image_split(ev: Evaluator, name: str, n_img: int, opts: dict) -> tuple[Scor
     ctx, cfg = ev.ctx, ev.cfg
     tasks, seeds, draws = ctx.splits.ood, cfg.eval.seeds, cfg.eval.image_draws
     ok = tuple(sorted(opts.items()))
-    img_items, ctt_items, named_right = [], [], []
+    image_prompts, ctt_prompts, named_right = [], [], []
     for t in tqdm(tasks, desc=f"{name}: prompts", disable=not ev.progress):
         for d in range(draws):
             gen = torch.Generator().manual_seed(derived_seed(cfg.eval.seed, name, t, d))
@@ -186,23 +194,24 @@ def _image_split(ev: Evaluator, name: str, n_img: int, opts: dict) -> tuple[Scor
             logits = ctx.generic.eval()(to_float(images.flatten(0, 1)))
             ids = vote_names(logits.reshape(len(t), n_img, -1), ctx.has_row)
             s = seeds[d % len(seeds)]
-            img_items.append((("image", ok, name, t, d), emb, ev.names(t), s, False))
-            ctt_items += ev.text_items([[ev.classes[c] for c in ids]], [s], opts)
+            image_prompts.append(Prompt(("image", ok, name, t, d), emb, ev.names(t), s))
+            ctt_prompts += ev.text_prompts([[ev.classes[c] for c in ids]], [s], opts)
             named_right.append(float(np.mean([a == b for a, b in zip(ids, t, strict=True)])))
-    nulls = [ev.null_item(len(t), s, opts) for t in tasks for s in seeds]
-    ev.sample(img_items + ctt_items + nulls, opts, f"{name}: sampling")
+    nulls = [ev.null_prompt(len(t), s, opts) for t in tasks for s in seeds]
+    ev.sample(image_prompts + ctt_prompts + nulls, opts, f"{name}: sampling")
     out: dict[str, list[TaskScore]] = {m: [] for m in METHODS}
     for i, t in enumerate(tqdm(tasks, desc=f"{name}: scoring", disable=not ev.progress)):
-        keys = [it[0] for it in img_items[i * draws:(i + 1) * draws]]
-        keys += [it[0] for it in ctt_items[i * draws:(i + 1) * draws]]
+        keys = [p.key for p in image_prompts[i * draws:(i + 1) * draws]]
+        keys += [p.key for p in ctt_prompts[i * draws:(i + 1) * draws]]
         sc = ev.score("test", t, keys + [ev.finetuned(t)])  # fine-tuned: the ood model, cached
         out["tina"].append(mean_score(sc[:draws]))
         out["classify_then_text"].append(mean_score(sc[draws:2 * draws]))
         out["finetuned"].append(sc[-1])
         out["generic"].append(ev.head_score("generic", "test", t, ev.generic_rows[list(t)]))
         out["unconditional"].append(mean_score([ev.fixed_score(
-            ev.null_item(len(t), s, opts)[0], "test", t) for s in seeds]))
+            ev.null_prompt(len(t), s, opts).key, "test", t) for s in seeds]))
     extra = {"images_per_class": n_img, "draws": draws,
+             "seeds": [seeds[d % len(seeds)] for d in range(draws)],
              "classify_then_text_names_correct": float(np.mean(named_right))}
     return {m: (v or None) for m, v in out.items()}, extra
 
@@ -243,9 +252,9 @@ def _ddpm(ev: Evaluator, choice: dict, ood: dict) -> dict | None:
     if not tasks:
         return None
     opts = _opts(choice, ev.cfg, sampler="ddpm")
-    items = ev.text_items([ev.names(t) for t in tasks], [e.seeds[0]] * len(tasks), opts)
-    ev.sample(items, opts, f"ood: DDPM-{ev.gen.diffusion.steps} sampling")
-    acc = [ev.score("test", t, [it[0]])[0].acc for t, it in zip(tasks, items, strict=True)]
+    prompts = ev.text_prompts([ev.names(t) for t in tasks], [e.seeds[0]] * len(tasks), opts)
+    ev.sample(prompts, opts, f"ood: DDPM-{ev.gen.diffusion.steps} sampling")
+    acc = [ev.score("test", t, [p.key])[0].acc for t, p in zip(tasks, prompts, strict=True)]
     n = len(tasks)
     ft = ood["finetuned"]["per_task"][:n] if ood.get("finetuned") else None
     return summarize(acc, ood["generic"]["per_task"][:n], ft, e.bootstrap, e.seed) | {

@@ -99,8 +99,23 @@ def mean_score(scores: list[TaskScore]) -> TaskScore:
 Scores = dict[str, list[TaskScore] | None]  # method -> per-task scores (None: not applicable)
 
 
+@dataclass
+class Prompt:
+    """One model to generate: a text or embedding prompt and the seed of its noise."""
+
+    key: tuple  # what defines the model (kind, sampler options, prompt, seed): the cache key
+    content: list[str] | torch.Tensor  # class names, or (k, D) float32 prompt embeddings
+    seed_names: list[str]  # the noise seed is prompt_seed(seed, seed_names)
+    seed: int
+    null: bool = False  # sample with the null prompt (the `unconditional` method)
+
+
 class Evaluator:
-    """Caches of images, features, generated models and scores for one EvalContext."""
+    """Builds and scores every method's models for one EvalContext, each exactly once.
+
+    Models are (P,) float32 flat vectors of a K_max-row model of the generated architecture
+    (`self.layout`), kept in `self.flats` by key; scores are TaskScores in `self.memo`.
+    """
 
     def __init__(self, ctx: EvalContext, progress: bool):
         self.ctx, self.cfg, self.gen, self.progress = ctx, ctx.cfg, ctx.generator, progress
@@ -110,8 +125,6 @@ class Evaluator:
         g_layout = ParamLayout(ctx.generic)
         g_flat = g_layout.flatten({n: p.detach() for n, p in ctx.generic.named_parameters()})
         self.generic_rows = g_flat[g_layout.row_index()]  # (N, d+1)
-        self.body = {n: p.detach() for n, p in ctx.generic.named_parameters()
-                     if not n.startswith("fc.")}
         self.class_emb = ctx.encoder.encode_text(self.classes)
         ids = [e.class_ids + [-1] * (self.k_max - len(e.class_ids)) for e in ctx.zoo_entries]
         self.zoo_ids = torch.tensor(ids, dtype=torch.long).reshape(-1, self.k_max)
@@ -212,13 +225,16 @@ class Evaluator:
         if self.ridge_w is None:
             cls, rows = zoo_row_table(self.layout, self.ctx.zoo_flats, self.zoo_ids)
             grid, fits = [], []
+            val = self.ctx.splits.val
             for lam in RIDGE_LAMBDAS:
                 w, b = fit_ridge(self.class_emb[cls], rows, lam)
                 acc = statistics.fmean(self.head_score(f"ridge{lam}", "val", t, ridge_rows(
-                    self.class_emb[list(t)], w, b)).acc for t in self.ctx.splits.val)
-                grid.append({"lambda": lam, "val_acc": acc})
+                    self.class_emb[list(t)], w, b)).acc for t in val) if val else 0.0
+                grid.append({"lambda": lam, "val_acc": acc if val else None})
                 fits.append((w, b))
-            best = max(range(len(grid)), key=lambda i: grid[i]["val_acc"])  # first on ties
+            # first on ties; without val tasks the middle of the grid
+            best = (max(range(len(grid)), key=lambda i: grid[i]["val_acc"]) if val
+                    else len(grid) // 2)
             self.ridge_w = fits[best]
             self.ridge_info = {"ridge_lambda": RIDGE_LAMBDAS[best], "ridge_grid": grid}
         return self.ridge_w
@@ -231,34 +247,36 @@ class Evaluator:
         body = {k: v.expand(len(flat), *v.shape) for k, v in self.gen.fixed.items()}
         return self.layout.flatten({**body, **parts})
 
-    def sample(self, items: list[tuple], opts: dict, desc: str) -> None:
-        """Generate the models of `items` = [(key, embedding (k, D) | names, seed names, seed,
-        null)] not yet generated, in sampler calls of at most MAX_PROMPTS prompts."""
-        todo = list({it[0]: it for it in items if it[0] not in self.flats}.values())
-        groups: dict[tuple[bool, bool], list[tuple]] = {}
-        for it in todo:  # one sampler call serves one kind of prompt
-            groups.setdefault((it[4], isinstance(it[1], list)), []).append(it)
+    def sample(self, prompts: list[Prompt], opts: dict, desc: str) -> None:
+        """Generate every prompt's model not generated yet, in sampler calls of at most
+        MAX_PROMPTS prompts of one kind (text, embeddings, null); `opts` go to Generator.sample.
+        """
+        todo = list({p.key: p for p in prompts if p.key not in self.flats}.values())
+        groups: dict[tuple[bool, bool], list[Prompt]] = {}
+        for p in todo:
+            groups.setdefault((p.null, isinstance(p.content, list)), []).append(p)
         chunks = [g[i: i + MAX_PROMPTS] for g in groups.values()
                   for i in range(0, len(g), MAX_PROMPTS)]
         for chunk in tqdm(chunks, desc=desc, disable=not self.progress or not chunks):
-            if isinstance(chunk[0][1], list):
-                c = self.gen.text_conditioning([it[1] for it in chunk])
-            else:
-                c = self.gen.embedding_conditioning([it[1] for it in chunk],
-                                                    [[-1] * len(it[1]) for it in chunk])
-            seeds = [prompt_seed(it[3], it[2]) for it in chunk]
-            flat = self._to_full(self.gen.sample(c, seeds, null=chunk[0][4], **opts))
-            for it, f in zip(chunk, flat, strict=True):
-                self.flats[it[0]] = f
+            if isinstance(chunk[0].content, list):
+                c = self.gen.text_conditioning([p.content for p in chunk])
+            else:  # embeddings carry no class id: every base row is found by name similarity
+                c = self.gen.embedding_conditioning([p.content for p in chunk],
+                                                    [[-1] * len(p.content) for p in chunk])
+            seeds = [prompt_seed(p.seed, p.seed_names) for p in chunk]
+            flat = self._to_full(self.gen.sample(c, seeds, null=chunk[0].null, **opts))
+            for p, f in zip(chunk, flat, strict=True):
+                self.flats[p.key] = f
 
-    def text_items(self, prompts: list[list[str]], seeds: list[int], opts: dict) -> list[tuple]:
+    def text_prompts(self, prompts: list[list[str]], seeds: list[int],
+                     opts: dict) -> list[Prompt]:
+        """Class-name prompts; keyed by the normalized names, so equal prompts share a model."""
         ok = tuple(sorted(opts.items()))
-        return [(("text", ok, tuple(normalize_name(n) for n in p), s), p, p, s, False)
+        return [Prompt(("text", ok, tuple(normalize_name(n) for n in p), s), p, p, s)
                 for p, s in zip(prompts, seeds, strict=True)]
 
-    def null_item(self, k: int, seed: int, opts: dict) -> tuple:
-        key = ("null", tuple(sorted(opts.items())), k, seed)
-        return (key, torch.zeros(k, self.class_emb.shape[1]), [f"<null prompt k={k}>"], seed,
-                True)
-
-
+    def null_prompt(self, k: int, seed: int, opts: dict) -> Prompt:
+        """The null prompt of k classes: one model per (k, seed, opts) serves every task."""
+        return Prompt(("null", tuple(sorted(opts.items())), k, seed),
+                      torch.zeros(k, self.class_emb.shape[1]), [f"<null prompt k={k}>"], seed,
+                      null=True)

@@ -228,10 +228,11 @@ def _plots(report: dict, out: Path) -> list[str]:
         for ax, name in zip(axes.flat, names, strict=False):
             ms = [m for m in METHOD_ORDER if isinstance(splits[name].get(m), dict)]
             means = [splits[name][m]["mean"] for m in ms]
-            err = [[mu - (splits[name][m]["ci95"] or [mu, mu])[0] for m, mu in zip(ms, means,
-                                                                                  strict=True)],
-                   [(splits[name][m]["ci95"] or [mu, mu])[1] - mu for m, mu in zip(ms, means,
-                                                                                  strict=True)]]
+            cis = [splits[name][m].get("ci95") or [mu, mu] for m, mu in zip(ms, means,
+                                                                            strict=True)]
+            # a percentile CI need not contain the mean: clip so the bars never point inward
+            err = [[max(0.0, mu - ci[0]) for mu, ci in zip(means, cis, strict=True)],
+                   [max(0.0, ci[1] - mu) for mu, ci in zip(means, cis, strict=True)]]
             ax.bar(range(len(ms)), means, yerr=err, capsize=3,
                    color=["C3" if m == "tina" else "C0" for m in ms])
             ax.set_xticks(range(len(ms)), ms, rotation=40, ha="right", fontsize=8)

@@ -1,0 +1,132 @@
+"""End to end: the tiny config through every stage on the real offline data, then the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tina.cli import main
+from tina.config import load_config
+from tina.data import data_root, load_split
+from tina.pipeline import run_pipeline
+
+TINY = Path(__file__).parent / "tiny.yaml"
+REAL = data_root() / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+pytestmark = pytest.mark.skipif(not REAL.is_file(), reason="run `make data` first")
+
+REPORT_KEYS = {"dataset", "encoder", "arch", "n_params", "k_max", "n_zoo", "held_out_classes",
+               "forbidden_pairs", "sampler", "steps", "guidance", "seeds", "git_commit", "sha256",
+               "splits", "timing"}
+SPLITS = {"val", "id", "ood", "unseen_1", "unseen_2", "variable_k_2", "variable_k_5",
+          "variable_k_10", "image_1img", "image_5img"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    run_pipeline(load_config(TINY), out, command="pytest tiny")
+    return out
+
+
+def test_pipeline_writes_report_with_the_issue_schema(run: Path):
+    report = json.loads((run / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert SPLITS <= set(report["splits"])
+    assert report["n_zoo"] == 12 and report["k_max"] == 10
+    assert report["n_params"] == 414
+    ood = report["splits"]["ood"]
+    for method in ("tina", "generic", "finetuned", "retrieval", "ridge", "unconditional"):
+        m = ood[method]
+        assert 0.0 <= m["mean"] <= 1.0
+        assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
+        assert len(m["per_task"]) == len(ood["tasks"])
+    assert ood["tina"]["paired_vs_generic"]["mean"] == pytest.approx(
+        ood["tina"]["mean"] - ood["generic"]["mean"], abs=1e-9)
+    assert ood.get("classify_then_text") is None  # an image-prompt baseline only
+    assert report["timing"]["generate_s_per_model"]["batch_1"] > 0
+    assert (run / "report.md").read_text().strip()
+    assert list(run.glob("*.png"))
+
+
+def test_rerun_skips_finished_stages(run: Path):
+    before = (run / "generator" / "tina.safetensors").stat().st_mtime_ns
+    zoo_before = sorted(p.stat().st_mtime_ns for p in (run / "zoo" / "params").iterdir())
+    report = run_pipeline(load_config(TINY), run, command="pytest tiny rerun")
+    assert (run / "generator" / "tina.safetensors").stat().st_mtime_ns == before
+    assert sorted(p.stat().st_mtime_ns for p in (run / "zoo" / "params").iterdir()) == zoo_before
+    assert report["timing"]["stages_s"]["zoo"] < 30
+
+
+def test_cli_generate_works_without_the_zoo(run: Path, tmp_path: Path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "generator", ckpt)  # the zoo is not next to this copy
+    out = tmp_path / "model"
+    rc = main(["generate", "--checkpoint", str(ckpt), "--class", "sneaker", "--class",
+               "T-shirt/top", "--class", "digit 3", "--out", str(out), "--seed", "7"])
+    assert rc == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["Sneaker", "T-shirt/top", "digit 3"]
+    d = meta["convs"][-1]["out"]
+    assert meta["n_params"] == sum(c["in"] * c["out"] * 9 for c in meta["convs"]) + 3 * (d + 1)
+    # the README's plain-PyTorch loader, verbatim in spirit: no tina import needed
+    layers = []
+    for c in meta["convs"]:
+        layers += [torch.nn.Conv2d(c["in"], c["out"], 3, c["stride"], 1, bias=False),
+                   torch.nn.ReLU()]
+    model = torch.nn.ModuleDict({"body": torch.nn.Sequential(*layers),
+                                 "fc": torch.nn.Linear(meta["convs"][-1]["out"], 3)})
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    test = load_split("fashion-mnist+mnist", "test").task([7, 0, 13])
+    x = (test.images[:64].float() / 255 - 0.5) / 0.5
+    logits = model["fc"](model["body"](x).mean(dim=(2, 3)))
+    assert logits.shape == (64, 3) and torch.isfinite(logits).all()
+    # same (seed, prompt) -> same parameters
+    out2 = tmp_path / "model2"
+    main(["generate", "--checkpoint", str(ckpt), "--class", "sneaker", "--class",
+          "T-shirt/top", "--class", "digit 3", "--out", str(out2), "--seed", "7"])
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("classes, message", [
+    ([" "], "empty"),
+    ([f"c{i}" for i in range(11)], "K_max 10"),
+    (["Sneaker", " sneaker "], "duplicate"),
+])
+def test_cli_generate_rejects_bad_prompts_with_a_clear_message(run, tmp_path, capsys, classes,
+                                                               message):
+    args = ["generate", "--checkpoint", str(run / "generator"), "--out", str(tmp_path / "m")]
+    for c in classes:
+        args += ["--class", c]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path), "--class", "bag", "--out",
+                 str(tmp_path / "m")]) == 2
+    assert "tina.json" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_checkpoint_made_with_another_encoder(run, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "generator", ckpt)
+    meta = json.loads((ckpt / "tina.json").read_text())
+    meta["encoder"]["version"] = "all-MiniLM-L6-v2@some-other-weights"
+    (ckpt / "tina.json").write_text(json.dumps(meta))
+    assert main(["generate", "--checkpoint", str(ckpt), "--class", "bag", "--out",
+                 str(tmp_path / "m")]) == 2
+    assert "encoder" in capsys.readouterr().err
+
+
+def test_console_script_prints_help():
+    r = subprocess.run([sys.executable, "-m", "tina.cli", "--help"], capture_output=True,
+                       text=True, check=True)
+    assert "pipeline" in r.stdout and "generate" in r.stdout
