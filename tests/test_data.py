@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import json
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from format_data import (
+    distinct_images,
+    numpy1_pickle,
+    trust,
+    write_cifar10,
+    write_fashion,
+    write_images,
+    write_mnist,
+)
 
 from tina import data
 from tina.errors import ConfigError, DataNotFoundError, UnknownDatasetError
@@ -22,84 +28,10 @@ from tina.errors import ConfigError, DataNotFoundError, UnknownDatasetError
 torch.set_num_threads(2)
 
 
-# ------------------------------------------------------------------------------------------------
-# writers of the real on-disk formats
-# ------------------------------------------------------------------------------------------------
-
-def write_idx(path: Path, arr: np.ndarray) -> None:
-    """LeCun's idx format: 0x0000, type 0x08 (uint8), ndim, big-endian dims, raw bytes; gzip."""
-    header = b"\x00\x00\x08" + bytes([arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
-
-
-def numpy1_pickle(obj: object) -> bytes:
-    """A pickle as numpy 1.x writes it (GLOBAL numpy.core.multiarray._reconstruct), like the real
-    mnist.pkl.gz and CIFAR batches; protocol 3 keeps bytes as BINBYTES."""
-    return pickle.dumps(obj, protocol=3).replace(b"cnumpy._core.multiarray\n",
-                                                 b"cnumpy.core.multiarray\n")
-
-
-def trust(monkeypatch: pytest.MonkeyPatch, kind: str, *paths: Path) -> None:
-    hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
-    monkeypatch.setitem(data.TRUSTED_SHA256, kind, data.TRUSTED_SHA256[kind] | hashes)
-
-
-def distinct_images(n: int, shape: tuple[int, ...], start: int = 0) -> np.ndarray:
-    """n uint8 images, image i carrying (start + i) in its first two pixels: all distinct."""
-    x = np.zeros((n, *shape), dtype=np.uint8)
-    flat = x.reshape(n, -1)
-    flat[:, 0] = (np.arange(n) + start) % 256
-    flat[:, 1] = (np.arange(n) + start) // 256
-    return x
-
-
 def image_ids(s: data.ImageSet) -> set[int]:
     """The ids `distinct_images` wrote into each image's first two pixels."""
     flat = s.images.reshape(len(s), -1).int()
     return set((flat[:, 0] + 256 * flat[:, 1]).tolist())
-
-
-def write_fashion(root: Path, n_train: int = 60, n_test: int = 20) -> None:
-    d = root / "fashion-mnist"
-    write_idx(d / "train-images-idx3-ubyte.gz", distinct_images(n_train, (28, 28)))
-    write_idx(d / "train-labels-idx1-ubyte.gz", np.arange(n_train) % 10)
-    write_idx(d / "t10k-images-idx3-ubyte.gz", distinct_images(n_test, (28, 28), 1000))
-    write_idx(d / "t10k-labels-idx1-ubyte.gz", np.arange(n_test) % 10)
-
-
-def write_mnist(root: Path, sizes: tuple[int, int, int] = (30, 10, 10)) -> Path:
-    splits = []
-    for i, n in enumerate(sizes):
-        x = (distinct_images(n, (784,), 100 * i).astype(np.float32) / 255).astype(np.float32)
-        splits.append((x, (np.arange(n) % 10).astype(np.int64)))
-    path = root / "mnist" / "mnist.pkl.gz"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(gzip.compress(numpy1_pickle(tuple(splits))))
-    return path
-
-
-def write_cifar10(d: Path, per_batch: int = 10) -> list[Path]:
-    d.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
-        batch = {b"batch_label": name.encode(), b"labels": [j % 10 for j in range(per_batch)],
-                 b"data": distinct_images(per_batch, (3072,), per_batch * i),
-                 b"filenames": [f"img{j}.png".encode() for j in range(per_batch)]}
-        (d / name).write_bytes(numpy1_pickle(batch))
-        files.append(d / name)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-             b"ship", b"truck"]
-    meta = {b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}
-    (d / "batches.meta").write_bytes(numpy1_pickle(meta))
-    return files + [d / "batches.meta"]
-
-
-def write_images(folder: Path, n: int, ext: str, color: tuple[int, int, int]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):  # sizes vary like real photos; brightness encodes the sorted position
-        img = Image.new("RGB", (40 + 3 * i, 30 + 2 * i), tuple(min(255, c + 10 * i) for c in color))
-        img.save(folder / f"image_{i:04d}{ext}")
 
 
 # ------------------------------------------------------------------------------------------------

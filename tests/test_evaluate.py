@@ -117,7 +117,7 @@ def toy_images(n_per_class: int, seed: int) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
     n = n_per_class * len(CLASSES)
     labels = torch.arange(len(CLASSES)).repeat_interleave(n_per_class)
-    images = torch.randint(0, 90, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 60, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
     for i, c in enumerate(labels.tolist()):
         r, q = 3 * (c // 4), 3 * (c % 4)
         images[i, 0, r:r + 3, q:q + 3] = 230
@@ -128,8 +128,10 @@ def tiny_cfg() -> PipelineConfig:
     cfg = PipelineConfig()
     cfg.data.dataset, cfg.data.held_out, cfg.data.forbidden_pairs = "toy", HELD_OUT, FORBIDDEN
     cfg.arch.name = ARCH
-    cfg.generic.max_epochs, cfg.generic.batch_size = 2, 64
-    cfg.zoo.n_pmodels, cfg.zoo.k, cfg.zoo.batch_size, cfg.zoo.max_train_images = 12, K, 32, None
+    cfg.generic.max_epochs, cfg.generic.patience, cfg.generic.batch_size = 15, 15, 32
+    cfg.generic.lr = 1e-2
+    cfg.zoo.n_pmodels, cfg.zoo.k, cfg.zoo.batch_size, cfg.zoo.max_train_images = 12, K, 16, None
+    cfg.zoo.epochs, cfg.zoo.lr = 2.0, 3e-3
     cfg.dit = DiTConfig(preset=None, width=32, depth=1, heads=2)
     cfg.diffusion = DiffusionConfig(steps=50)
     cfg.train = TrainConfig(steps=10, batch_size=8, warmup_steps=2, threads=1)
@@ -298,3 +300,11 @@ def test_equal_prompts_share_one_generated_model(run):
     assert len(ev.flats) == before + 1  # same names after normalization, same seed: one model
     ev.sample(ev.text_prompts([["dot", "circle"]], [7], opts), opts, "")
     assert len(ev.flats) == before + 2  # another order is another prompt
+
+
+def test_classify_then_text_that_names_every_class_right_is_the_ood_text_prompt_model(run):
+    _, _, res = run
+    split = res["image_5img"]
+    assert split["classify_then_text_names_correct"] == 1.0  # five clear images per class
+    # the same names and seeds make the same models: scored, not re-sampled
+    assert split["classify_then_text"]["per_task"] == res["ood"]["tina"]["per_task"]

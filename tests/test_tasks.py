@@ -145,10 +145,19 @@ def test_splits_are_deterministic_by_seed_and_round_trip_through_json():
     assert back == a
 
 
+DISJOINT_PAIRS = [["T-shirt/top", "Pullover"], ["Coat", "Dress"], ["Sneaker", "Ankle boot"],
+                  ["digit 1", "digit 4"], ["digit 5", "digit 6"], ["digit 8", "digit 9"]]
+
+
 def test_too_many_zoo_tasks_is_a_config_error_saying_what_to_change():
-    # the shipped defaults: 6 disjoint pairs over 12 of 16 seen classes allow only 2**6 = 64 sets
+    # 6 disjoint pairs over 12 of 16 seen classes allow only 2**6 = 64 ten-class sets
     with pytest.raises(ConfigError, match="only 64 .* zoo.n_pmodels"):
-        make_splits(default_space(), DEFAULT.forbidden_pairs, 10, 300, EVAL, seed=0)
+        make_splits(default_space(), DISJOINT_PAIRS, 10, 300, EVAL, seed=0)
+
+
+def test_the_default_forbidden_pairs_admit_the_default_zoo():
+    splits = make_splits(default_space(), DEFAULT.forbidden_pairs, 10, 300, EVAL, seed=0)
+    assert len(splits.zoo) == 300 and len({frozenset(t) for t in splits.zoo}) == 300
 
 
 @pytest.mark.parametrize("change, message", [
