@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ArchConfig:
-    name: str = "cnn-400"  # registry name in tina.backbones (cnn-5k, cnn-14k, cnn-33k, cnn-76k, ...)
+    name: str = "cnn-400"  # registry name in tina.backbones (cnn-400, cnn-1k, cnn-5k, ...)
     head_only: bool = False  # True: generate only the linear head; the body is the generic body
 
 
