@@ -10,7 +10,8 @@ ViT-B-32-quickgelu weights file (the architecture they name), saved once per ses
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,11 @@ WRITERS: dict[str, Callable[[Path, dict, pytest.MonkeyPatch], None]] = {
 
 
 @pytest.fixture(scope="session")
-def random_vit_b32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init ViT-B-32-quickgelu weights file (~600 MB; ~6 s to build and save)."""
+def random_vit_b32(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A random-init ViT-B-32-quickgelu weights file (605 MB; ~4 s to build and save)."""
     path = tmp_path_factory.mktemp("clip") / "vit-b-32-quickgelu-random.safetensors"
-    return save_random_clip(path, "ViT-B-32-quickgelu")
+    yield save_random_clip(path, "ViT-B-32-quickgelu")
+    path.unlink()  # pytest keeps the last 3 sessions' tmp folders: do not keep 605 MB in each
 
 
 def test_every_dataset_in_configs_has_a_small_data_writer():
@@ -128,6 +130,7 @@ def test_config_runs_end_to_end_on_small_real_format_data(path: Path, tmp_path: 
     assert SPLITS <= set(report["splits"])
     assert (report["dataset"], report["arch"]) == (dataset, raw["arch"]["name"])
     assert report["held_out_classes"] == raw["data"]["held_out"]
+    assert report["encoder"].startswith(f"{raw['encoder']['name']} (")
     assert report["n_zoo"] == 12 and report["k_max"] == cfg.zoo.k
     for split in ("ood", "unseen_1"):
         assert 0.0 <= report["splits"][split]["tina"]["mean"] <= 1.0
@@ -138,6 +141,8 @@ def test_config_runs_end_to_end_on_small_real_format_data(path: Path, tmp_path: 
     assert meta["encoder"]["name"] == raw["encoder"]["name"]
     assert meta["dit"]["config"]["preset"] == as_written.dit.preset
     assert meta["train"]["steps"] == 2
+    assert len(json.loads((out / "generator" / "train_history.json").read_text())["loss"]) == 2
     if raw["encoder"]["name"] == "clip":
         assert meta["encoder"]["version"].startswith(f"{raw['encoder']['clip_model']}:")
         assert meta["encoder"]["dim"] == 512
+    shutil.rmtree(out)  # passed: drop the run (a tina-b checkpoint is 400 MB); kept on failure

@@ -24,6 +24,7 @@ from torch import nn
 
 from tina.backbones import HEAD_BIAS, HEAD_WEIGHT, ParamLayout, SmallCNN, build_model
 from tina.conditioning import Conditioner, Conditioning
+from tina.config import DiffusionConfig, DiTConfig
 from tina.diffusion import GaussianDiffusion, PerSampleNoise, create_diffusion
 from tina.dit import TinaDiT, build_dit
 from tina.errors import CheckpointError, PromptError
@@ -144,7 +145,7 @@ class Generator:
         """Class-name (or description) prompts -> Conditioning. Raises PromptError."""
         if self.encoder is None:
             raise PromptError("this generator has no prompt encoder; load it with one")
-        embs, known, ks = [], [], []
+        embs, known = [], []
         for names in prompts:
             names = validate_prompt(names, self.k_max)
             ids = [self._lookup(n) for n in names]
@@ -152,7 +153,6 @@ class Generator:
                                                                              strict=True)]
             embs.append(self.encoder.encode_text(texts))
             known.append([i if i >= 0 and bool(self.parts.has_row[i]) else -1 for i in ids])
-            ks.append(len(names))
         return self.embedding_conditioning(embs, known)
 
     def embedding_conditioning(self, embs: list[torch.Tensor],
@@ -237,14 +237,12 @@ class Generator:
 
 
 def create_diffusion_from_meta(meta: dict[str, Any]) -> GaussianDiffusion:
-    from tina.config import DiffusionConfig
-
+    """The diffusion process a checkpoint was trained with."""
     return create_diffusion(DiffusionConfig(**meta["diffusion"]))
 
 
 def build_dit_from_meta(meta: dict[str, Any]) -> TinaDiT:
-    from tina.config import DiTConfig
-
+    """An untrained denoiser of a checkpoint's architecture."""
     d = meta["dit"]
     return build_dit(DiTConfig(**d["config"]), d["token_lengths"], d["cond_dim"],
                      meta["arch"]["k_max"])

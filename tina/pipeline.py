@@ -170,21 +170,24 @@ def finetune_timing(cfg: PipelineConfig, generic: SmallCNN, train: ImageSet,
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dict:
     """Run every stage and write report.json, report.md and plots under `out`; return the report."""
-    torch.set_num_threads(cfg.train.threads)
+    # The generic model, the zoo and the image encoder run many tiny ops: one thread is nearly as
+    # fast as two and does not collapse when another process shares the cores (two OpenMP threads
+    # then wait on each other, measured 10-40x slower). The denoiser's matmuls get train.threads.
+    torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     t_start, stages = time.perf_counter(), {}
 
-    def timed(name: str, fn, *args):
+    def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         stages[name] = round(time.perf_counter() - t0, 2)
         return result
 
-    info = dataset_info(cfg.data.dataset)
-    load = dict(root=cfg.data.root, download=cfg.data.download)
-    train, val, test = (timed(f"data_{s}", load_split, cfg.data.dataset, s, *load.values())
+    info = dataset_info(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
+    load = dict(root=cfg.data.root, download=cfg.data.download, image_size=cfg.data.image_size)
+    train, val, test = (timed(f"data_{s}", load_split, cfg.data.dataset, s, **load)
                         for s in ("train", "val", "test"))
     space = LabelSpace(info.classes, cfg.data.held_out)
     splits = make_splits(space, cfg.data.forbidden_pairs, cfg.zoo.k, cfg.zoo.n_pmodels, cfg.eval,
@@ -195,8 +198,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dic
     encoder = timed("encoder", build_encoder, cfg.encoder)
     image_encoder = timed("image_encoder", stage_image_encoder, cfg, out, encoder, generic,
                           has_row, train, space)
+    torch.set_num_threads(cfg.train.threads)
     gen, hist = timed("generator", stage_generator, cfg, out, space, generic, has_row, encoder,
                       zoo_entries, zoo_flats, info.in_channels)
+    torch.set_num_threads(1)
     ctx = EvalContext(cfg=cfg, generator=gen, generic=generic, has_row=has_row,
                       zoo_entries=zoo_entries, zoo_flats=zoo_flats, train=train, val=val,
                       test=test, encoder=encoder, image_encoder=image_encoder, splits=splits)

@@ -32,8 +32,12 @@ _ENUMERATE_LIMIT = 200_000  # below this many candidate sets, enumerate them: ex
 
 
 def normalize_name(name: str) -> str:
-    """Lower-case, strip, collapse inner whitespace: " DIGIT  3" -> "digit 3"."""
-    return " ".join(name.split()).lower()
+    """Lower-case, strip, underscores as spaces, collapse whitespace: " DIGIT  3" -> "digit 3".
+
+    Underscores count as spaces because dataset files spell names both ways ("maple_tree" in
+    CIFAR-100's meta file, "maple tree" as shown).
+    """
+    return " ".join(name.replace("_", " ").split()).lower()
 
 
 @dataclass
