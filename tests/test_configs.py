@@ -30,15 +30,13 @@ from format_data import (
 from tina.config import load_config
 from tina.pipeline import run_pipeline
 
-torch.set_num_threads(2)
-
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
 # Sizes only: a 12-p-model zoo, 2 generator steps, one task per evaluation split.
 SMALL = [
     "generic.max_epochs=1", "zoo.n_pmodels=12", "zoo.epochs=1.0", "zoo.batch_size=64",
     "encoder.image_encoder_epochs=1", "train.steps=2", "train.batch_size=4",
-    "train.warmup_steps=1", "diffusion.steps=20", "sample.steps=2",
+    "train.warmup_steps=1", "train.threads=1", "diffusion.steps=20", "sample.steps=2",
     "eval.n_val=1", "eval.n_id=1", "eval.n_ood=1", "eval.n_unseen=1", "eval.n_variable_k=1",
     "eval.seeds=[0]", "eval.image_draws=1", "eval.n_ddpm_tasks=1", "eval.guidance_grid=[1.0]",
     "eval.steps_grid=[2]", "eval.bootstrap=10",
