@@ -139,3 +139,24 @@ def test_every_shipped_config_parses(path: Path) -> None:
 
 def test_configs_folder_holds_the_demo_and_the_papers_setups() -> None:
     assert {p.name for p in CONFIGS} >= {"demo.yaml", "cifar100-clip.yaml"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("zoo.n_pmodels=abc", "zoo.n_pmodels: expected a whole number"),
+    ("zoo.n_pmodels=1.5", "zoo.n_pmodels: expected a whole number"),
+    ("zoo.max_train_images=null", None),
+    ("arch.head_only=maybe", "arch.head_only: expected true or false"),
+])
+def test_overrides_are_type_checked(override, message):
+    if message is None:
+        assert load_config(None, [override]).zoo.max_train_images is None
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+
+
+def test_a_config_file_that_is_not_yaml_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  dataset: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

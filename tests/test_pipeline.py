@@ -130,3 +130,30 @@ def test_console_script_prints_help():
     r = subprocess.run([sys.executable, "-m", "tina.cli", "--help"], capture_output=True,
                        text=True, check=True)
     assert "pipeline" in r.stdout and "generate" in r.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "steps: 0 is outside"),
+    (["--steps", "5000"], "steps: 5000 is outside"),
+    (["--guidance", "nan"], "guidance: nan must be a finite number"),
+    (["--guidance", "-1"], "guidance: -1.0 must be"),
+])
+def test_cli_generate_rejects_bad_sampler_settings(run, tmp_path, capsys, extra, message):
+    args = ["generate", "--checkpoint", str(run / "generator"), "--class", "bag",
+            "--out", str(tmp_path / "m"), *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_generate_reports_an_unwritable_output_without_a_traceback(run, capsys):
+    assert main(["generate", "--checkpoint", str(run / "generator"), "--class", "bag",
+                 "--out", "/proc/tina-cannot-write-here"]) == 2
+    assert "/proc/tina-cannot-write-here" in capsys.readouterr().err
+
+
+def test_load_generator_builds_the_encoder_its_checkpoint_names(run):
+    from tina.generate import load_generator
+
+    gen = load_generator(run / "generator")
+    (model,) = gen.generate([["Bag", "digit 1"]], seeds=[3])
+    assert model.fc.weight.shape[0] == 2

@@ -32,9 +32,7 @@ def _pipeline(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import json as _json
 
-    from tina.config import EncoderConfig
-    from tina.encoders import build_encoder
-    from tina.generate import Generator, prompt_seed
+    from tina.generate import load_generator, prompt_seed
 
     ckpt = Path(args.checkpoint)
     meta_p = ckpt / "tina.json"
@@ -42,8 +40,7 @@ def _generate(args: argparse.Namespace) -> None:
         raise TinaError(f"{ckpt}: no tina.json here; pass the generator directory "
                         "(e.g. runs/demo/generator)")
     meta = _json.loads(meta_p.read_text())
-    enc_cfg = EncoderConfig(**meta["config"]["encoder"])
-    gen = Generator.from_checkpoint(ckpt, build_encoder(enc_cfg))
+    gen = load_generator(ckpt)
     model = gen.generate([args.classes], [args.seed], sampler=args.sampler, steps=args.steps,
                          guidance=args.guidance)[0]
     out = Path(args.out)
@@ -58,7 +55,8 @@ def _generate(args: argparse.Namespace) -> None:
         "preprocessing": meta["preprocessing"], "generator_id": gen_id, "seed": args.seed,
         "prompt_seed": prompt_seed(args.seed, args.classes),
         "sampler": args.sampler or meta["sample"]["sampler"],
-        "steps": args.steps or meta["sample"]["steps"],
+        "steps": args.steps if args.steps is not None else meta["sample"]["steps"],
+        "guidance": args.guidance if args.guidance is not None else meta["sample"]["guidance"],
     }
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(out / "model.safetensors"), metadata={"classes": json.dumps(names)})
@@ -96,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except TinaError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable --out, a full disk: say which path, no traceback
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
     return 0
 

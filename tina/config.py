@@ -202,6 +202,12 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
                 kwargs[key] = float(value)
             except ValueError:
                 raise ConfigError(f"{where}{key}: expected a number, got {value!r}") from None
+        elif ftype in ("int", "int | None") and not (
+                (value is None and "None" in ftype)
+                or (isinstance(value, int) and not isinstance(value, bool))):
+            raise ConfigError(f"{where}{key}: expected a whole number, got {value!r}")
+        elif ftype == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}{key}: expected true or false, got {value!r}")
         else:
             kwargs[key] = value
     return cls(**kwargs)
@@ -231,7 +237,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found; see configs/ for examples")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: expected a mapping of sections, got {data!r}")
     for item in overrides or []:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from torch import nn
 
 from tina.backbones import HEAD_BIAS, HEAD_WEIGHT, ParamLayout, SmallCNN, build_model
 from tina.conditioning import Conditioner, Conditioning
-from tina.config import DiffusionConfig, DiTConfig
+from tina.config import DiffusionConfig, DiTConfig, EncoderConfig
 from tina.diffusion import GaussianDiffusion, PerSampleNoise, create_diffusion
 from tina.dit import TinaDiT, build_dit
 from tina.errors import CheckpointError, PromptError
@@ -191,8 +192,13 @@ class Generator:
             flat (B, P) float32 parameters of K_max-row models; rows [k_b, K_max) are zero.
         """
         s = self.meta["sample"]
-        sampler, steps = sampler or s["sampler"], steps or s["steps"]
+        sampler = sampler or s["sampler"]
+        steps = s["steps"] if steps is None else steps
         guidance = s["guidance"] if guidance is None else guidance
+        if not 1 <= steps <= self.diffusion.steps:
+            raise PromptError(f"steps: {steps} is outside [1, {self.diffusion.steps}]")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise PromptError(f"guidance: {guidance} must be a finite number >= 0 (1 = none)")
         net = self.parts.ema if (s["use_ema"] if use_ema is None else use_ema) else self.parts.dit
         b = len(seeds)
         shape = (self.tokenizer.n_tokens, self.tokenizer.token_len)
@@ -234,6 +240,24 @@ class Generator:
         eff = [prompt_seed(s, p) for s, p in zip(seeds, prompts, strict=True)]
         flat = self.sample(c, eff, **sample_kwargs)
         return [self.to_module(f, int(k)) for f, k in zip(flat, c.k, strict=True)]
+
+
+def load_generator(path: str | Path) -> Generator:
+    """Load a checkpoint with the prompt encoder its `tina.json` names (built from the same
+    encoder config, so the version check in `from_checkpoint` passes only for the same weights).
+
+    Raises:
+        CheckpointError: see `Generator.from_checkpoint`.
+        WeightsNotFoundError: the encoder's weights are not on this machine.
+    """
+    from tina.encoders import build_encoder  # the encoder stack is heavy; load it on demand
+
+    meta_p = Path(path) / "tina.json"
+    if not meta_p.is_file():
+        raise CheckpointError(f"{path}: no tina.json here; pass the generator directory "
+                              "(e.g. runs/demo/generator)")
+    enc_cfg = EncoderConfig(**json.loads(meta_p.read_text())["config"]["encoder"])
+    return Generator.from_checkpoint(path, build_encoder(enc_cfg))
 
 
 def create_diffusion_from_meta(meta: dict[str, Any]) -> GaussianDiffusion:
