@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -17,16 +15,6 @@ from tina.backbones import (
     load_flat,
 )
 from tina.errors import ConfigError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # the machine is shared: small ops slow down badly with 2 threads under load
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # the paper's CNN is 5,370 parameters at 3 channels and K=10 (Tina sec. 4); the rest are ours
 PARAM_COUNTS = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,16 +9,6 @@ import torch.nn.functional as F
 from tina.backbones import ParamLayout, build_model
 from tina.conditioning import Conditioner
 from tina.tokens import ResidualBase
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # the machine is shared: small ops slow down badly with 2 threads under load
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 N, K_MAX, D = 7, 4, 12
 UNSEEN = 3  # the generic model lacks this class

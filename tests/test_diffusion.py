@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,17 +11,6 @@ from tina.config import DiffusionConfig
 from tina.diffusion import GaussianDiffusion, PerSampleNoise, create_diffusion
 from tina.dit import TinaDiT
 from tina.errors import ConfigError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # these tensors are tiny: one intra-op thread is fastest, and on a busy 2-core machine two
-    # spinning OpenMP threads made the overfit test 20x slower (0.6 s -> 14 s, measured)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SHAPE = (3, 7)  # (T, L)
 LENGTHS = [5, 7, 3]

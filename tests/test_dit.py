@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -11,17 +9,6 @@ from tina.config import DiTConfig
 from tina.diffusion import GaussianDiffusion
 from tina.dit import PRESETS, TinaDiT, build_dit
 from tina.errors import ConfigError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # these tensors are tiny: one intra-op thread is fastest, and on a busy 2-core machine two
-    # spinning OpenMP threads made the overfit test 20x slower (0.6 s -> 14 s, measured)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 LENGTHS = [5, 7, 3]  # T = 3 tokens, L = 7
 K_MAX, E, B = 4, 6, 3

@@ -8,7 +8,6 @@ random-init CLIP written to disk (text and image towers), a generator trained fo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +42,6 @@ from tina.scoring import accuracy, logits_of
 from tina.tasks import LabelSpace, make_splits, max_overlap
 from tina.train import train_generator
 from tina.zoo import ZooStore, build_zoo, train_generic
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: one thread is faster
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------- statistics
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,16 +10,6 @@ from hypothesis import strategies as st
 from tina.backbones import HEAD_BIAS, HEAD_WEIGHT, ParamLayout, build_model
 from tina.errors import ConfigError
 from tina.tokens import ParamNormalizer, ParamTokenizer, ResidualBase, pad_rows
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # the machine is shared: small ops slow down badly with 2 threads under load
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 LAYOUTS = {
     (arch, ch, k, head_only): ParamLayout(

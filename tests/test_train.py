@@ -6,7 +6,7 @@ import copy
 import itertools
 import shutil
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +22,6 @@ from tina.generate import Generator
 from tina.tokens import ParamTokenizer, ResidualBase
 from tina.train import Batcher, ema_update, fit_targets, lr_at, train_generator
 from tina.zoo import ZooEntry, ZooStore
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # the machine is shared: small ops slow down badly with 2 threads under load
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CLASSES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
 HELD_OUT = 5  # "foxtrot": the generic model has no row for it, the zoo never holds it

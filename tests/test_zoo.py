@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ from tina.config import GenericConfig, ZooConfig
 from tina.data import ImageSet
 from tina.scoring import accuracy, logits_of
 from tina.zoo import ZooEntry, ZooStore, build_zoo, finetune_pmodel, init_pmodel, train_generic
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # the machine is shared: small ops slow down badly with 2 threads under load
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CLASSES = ["rows", "columns", "diagonals", "checks", "dots"]
 HELD_OUT = 3  # "checks": the generic model never sees it

@@ -258,11 +258,8 @@ def resolve_clip_model_name(name_or_json: str) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _cached_tag_file(tag_cfg: dict[str, Any], cache_dir: str | None) -> Path | None:
