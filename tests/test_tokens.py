@@ -190,3 +190,18 @@ def test_pad_rows_zeroes_rows_from_k_on_and_nothing_else() -> None:
         assert torch.equal(out[HEAD_BIAS][b, :kb], inp[HEAD_BIAS][b, :kb])
         assert not bool(out[HEAD_WEIGHT][b, kb:].any()) and not bool(out[HEAD_BIAS][b, kb:].any())
     assert torch.equal(flat, original)  # the input itself is not edited
+
+
+def test_flagged_rows_use_their_own_scale_and_round_trip():
+    layout = ParamLayout(build_model("cnn-400", 1, 4))
+    x = torch.randn(6, layout.n_params)
+    norm = ParamNormalizer.fit(layout, x, "layer")
+    norm.row_index = layout.row_index()
+    norm.unseen_std = torch.full((layout.feat_dim + 1,), 10.0)
+    flagged = torch.zeros(6, 4, dtype=torch.bool)
+    flagged[0, 2] = True
+    z = norm.normalize(x, flagged)
+    row = layout.row_index()[2]
+    assert torch.allclose(z[0, row], x[0, row] / 10.0)
+    assert torch.allclose(z[1], norm.normalize(x[1:2])[0])  # unflagged rows: the usual scale
+    assert torch.allclose(norm.denormalize(z, flagged), x, atol=1e-5)

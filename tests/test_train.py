@@ -123,8 +123,8 @@ def make_world(k_max: int = K_MAX, n_zoo: int = 8, parametrization: str = "resid
 def make_batcher(w: World) -> Batcher:
     base = ResidualBase(w.layout, w.generic_flat, w.generic_layout, w.has_row)
     tok = ParamTokenizer(w.layout, w.cfg.tokens.chunk_size, w.cfg.tokens.head_tokens)
-    norm = fit_targets(w.cfg, w.layout, base, w.zoo_flats, w.zoo_ids)
     cond = Conditioner(w.class_emb, w.has_row, base, w.layout.k)
+    norm = fit_targets(w.cfg, w.layout, base, cond, w.zoo_flats, w.zoo_ids)
     return Batcher(w.cfg, w.layout, tok, norm, base, cond, w.zoo_flats, w.zoo_ids,
                    w.cfg.tokens.parametrization == "residual")
 
@@ -133,8 +133,9 @@ def recover(batcher: Batcher, x0: torch.Tensor, kwargs: dict) -> tuple[torch.Ten
     """Undo a batch: (B, P) p-model parameters and (B, K) class ids read off the class tokens."""
     c = batcher.cond
     d = c.class_emb.shape[1]
-    flat = batcher.norm.denormalize(batcher.tok.detokenize(x0))
     cond, real = kwargs["cond"], kwargs["class_mask"]
+    flagged = real & (cond[..., d] > 0.5)  # unknown-class rows have their own scale
+    flat = batcher.norm.denormalize(batcher.tok.detokenize(x0), flagged)
     dist = torch.cdist(cond[..., :d], c.class_emb[None].expand(len(cond), -1, -1))
     ids = torch.where(real, dist.argmin(-1), -1)
     assert bool((dist.min(-1).values[real] < 1e-5).all())  # real slots embed a class name exactly

@@ -28,6 +28,7 @@ class Conditioning:
     # (B, K_max) int64 label-space id whose generic row is the base; -1: none
     row_source: torch.Tensor
     k: torch.Tensor  # (B,) int64 classes per prompt
+    flag: torch.Tensor  # (B, K_max) bool, True = real class without a generic row of its own
 
 
 class Conditioner:
@@ -75,8 +76,10 @@ class Conditioner:
         nearest = self.nearest_seen(emb, exclude)
         row_source = torch.where(known >= 0, known, nearest)
         row_source = torch.where(real, row_source, torch.full_like(row_source, -1))
-        flag = (real & (known < 0)).float()[..., None]
+        unknown = real & (known < 0)
+        flag = unknown.float()[..., None]
         rows = self.base.rows[row_source.clamp_min(0)]
         rows = (rows - self.row_mean) / self.row_std * real[..., None]
         cond = torch.cat([emb * real[..., None], flag, rows], dim=-1)
-        return Conditioning(cond=cond, class_mask=real, row_source=row_source, k=k)
+        return Conditioning(cond=cond, class_mask=real, row_source=row_source, k=k,
+                            flag=unknown)

@@ -64,6 +64,7 @@ class Generator:
         self.template: SmallCNN = build_model(a["name"], self.in_channels, self.k_max)
         names = [HEAD_WEIGHT, HEAD_BIAS] if a["head_only"] else None
         self.layout = ParamLayout(self.template, names)
+        parts.normalizer.row_index = self.layout.row_index()
         generic = build_model(a["name"], self.in_channels, len(parts.has_row))
         self.generic_layout = ParamLayout(generic)
         self.fixed: dict[str, torch.Tensor] = {}
@@ -88,6 +89,8 @@ class Generator:
         p = self.parts
         tensors = {f"dit.{k}": v for k, v in p.dit.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in p.ema.state_dict().items()}
+        if p.normalizer.unseen_std is not None:
+            tensors["norm.unseen_std"] = p.normalizer.unseen_std
         tensors |= {"norm.mean": p.normalizer.mean, "norm.std": p.normalizer.std,
                     "generic.flat": p.generic_flat, "generic.has_row": p.has_row.to(torch.uint8),
                     "class_emb": p.class_emb}
@@ -132,7 +135,8 @@ class Generator:
         dit, ema = build_dit_from_meta(meta), build_dit_from_meta(meta)
         dit.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("dit.")})
         ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
-        parts = Parts(meta, dit.eval(), ema.eval(), ParamNormalizer(t["norm.mean"], t["norm.std"]),
+        parts = Parts(meta, dit.eval(), ema.eval(), ParamNormalizer(
+                          t["norm.mean"], t["norm.std"], unseen_std=t.get("norm.unseen_std")),
                       t["generic.flat"], t["generic.has_row"].bool(), t["class_emb"])
         gen = cls(parts, encoder)
         if gen.layout.n_params != meta["arch"]["n_params"]:
@@ -212,7 +216,7 @@ class Generator:
                                             guidance=guidance)
         else:
             raise PromptError(f"sampler: {sampler!r} is not 'ddim' or 'ddpm'")
-        flat = self.parts.normalizer.denormalize(self.tokenizer.detokenize(x0))
+        flat = self.parts.normalizer.denormalize(self.tokenizer.detokenize(x0), c.flag)
         if self.residual:
             rs = torch.full_like(c.row_source, -1) if null else c.row_source
             flat = flat + self.base(rs)

@@ -64,10 +64,19 @@ class ParamTokenizer:
 
 
 class ParamNormalizer:
-    """Standardize flat vectors: per-value mean/std expanded from per-layer (or global) stats."""
+    """Standardize flat vectors: per-value mean/std expanded from per-layer (or global) stats.
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+    Head rows of *unknown* classes (flagged: their base is another class's row) are scaled
+    separately by `unseen_std` (d+1,): their residuals are many times larger than fine-tuning
+    residuals, and on the ordinary scale they dominated the training loss (measured: final loss
+    ~74 vs ~0.2 without them, on a gently fine-tuned zoo).
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor,
+                 row_index: torch.Tensor | None = None, unseen_std: torch.Tensor | None = None):
         self.mean, self.std = mean, std  # (P,) float32 each
+        self.row_index = row_index  # (K, d+1) int64 flat positions of head rows
+        self.unseen_std = unseen_std  # (d+1,) float32, or None: flagged rows use the usual scale
 
     @classmethod
     def fit(cls, layout: ParamLayout, x: torch.Tensor, mode: str = "layer") -> ParamNormalizer:
@@ -90,13 +99,27 @@ class ParamNormalizer:
             raise ConfigError(f"tokens.normalization: {mode!r} is not 'layer' or 'global'")
         return cls(mean, std)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, P) -> (B, P) standardized."""
-        return (x - self.mean) / self.std
+    def normalize(self, x: torch.Tensor, flagged: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, P) -> (B, P) standardized; flagged (B, K) bool rows use `unseen_std`."""
+        z = (x - self.mean) / self.std
+        return self._rows(z, x, flagged, lambda v: v / self.unseen_std)
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, P) standardized -> (B, P) parameter units."""
-        return z * self.std + self.mean
+    def denormalize(self, z: torch.Tensor, flagged: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, P) standardized -> (B, P) parameter units; flagged (B, K) as in `normalize`."""
+        x = z * self.std + self.mean
+        return self._rows(x, z, flagged, lambda v: v * self.unseen_std)
+
+    def _rows(self, out: torch.Tensor, src: torch.Tensor, flagged: torch.Tensor | None,
+              fn) -> torch.Tensor:
+        if flagged is None or self.unseen_std is None or not bool(flagged.any()):
+            return out
+        b, k = flagged.shape
+        idx = self.row_index.reshape(-1)
+        rows = out[:, idx].reshape(b, k, -1)
+        swapped = fn(src[:, idx].reshape(b, k, -1))
+        out = out.clone()
+        out[:, idx] = torch.where(flagged[..., None], swapped, rows).reshape(b, -1)
+        return out
 
 
 class ResidualBase:

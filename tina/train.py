@@ -87,7 +87,7 @@ class Batcher:
         known[rows, pos[hide]] = -1
         c = self.cond.build(self.cond.class_emb[ids.clamp_min(0)], known, k, exclude)
         target = flat - self.base(c.row_source) if self.residual else flat
-        x0 = self.tok.tokenize(self.norm.normalize(target))
+        x0 = self.tok.tokenize(self.norm.normalize(target, c.flag))
         # loss only on real values of real rows: padded rows are free at sampling time
         value_w = torch.ones_like(flat)
         value_w[:, self.row_index.reshape(-1)] = (
@@ -98,10 +98,19 @@ class Batcher:
 
 
 def fit_targets(cfg: PipelineConfig, layout: ParamLayout, base: ResidualBase,
-                zoo_flats: torch.Tensor, zoo_ids: torch.Tensor) -> ParamNormalizer:
-    """Normalization statistics of what is diffused (raw p-models or residuals) over the zoo."""
-    x = zoo_flats - base(zoo_ids) if cfg.tokens.parametrization == "residual" else zoo_flats
-    return ParamNormalizer.fit(layout, x, cfg.tokens.normalization)
+                conditioner: Conditioner, zoo_flats: torch.Tensor,
+                zoo_ids: torch.Tensor) -> ParamNormalizer:
+    """Normalization statistics of what is diffused (raw p-models or residuals) over the zoo,
+    plus the scale of head rows whose class is treated as unknown (base = nearest other class)."""
+    residual = cfg.tokens.parametrization == "residual"
+    x = zoo_flats - base(zoo_ids) if residual else zoo_flats
+    norm = ParamNormalizer.fit(layout, x, cfg.tokens.normalization)
+    norm.row_index = layout.row_index()
+    if residual:
+        nearest = conditioner.nearest_seen(conditioner.class_emb[zoo_ids], exclude=zoo_ids)
+        rows = zoo_flats[:, norm.row_index] - base.rows[nearest]  # (M, K, d+1)
+        norm.unseen_std = rows.reshape(-1, rows.shape[-1]).std(0).clamp_min(1e-8)
+    return norm
 
 
 def train_generator(cfg: PipelineConfig, layout: ParamLayout, generic_flat: torch.Tensor,
@@ -125,8 +134,8 @@ def train_generator(cfg: PipelineConfig, layout: ParamLayout, generic_flat: torc
     gen = torch.Generator().manual_seed(cfg.train.seed)
     base = ResidualBase(layout, generic_flat, generic_layout, has_row)
     tok = ParamTokenizer(layout, cfg.tokens.chunk_size, cfg.tokens.head_tokens)
-    norm = fit_targets(cfg, layout, base, zoo_flats, zoo_ids)
     conditioner = Conditioner(class_emb, has_row, base, layout.k)
+    norm = fit_targets(cfg, layout, base, conditioner, zoo_flats, zoo_ids)
     model = build_dit(cfg.dit, tok.token_lengths, conditioner.dim, layout.k)
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion(cfg.diffusion)
