@@ -355,8 +355,9 @@ def test_folder_classes_that_collide_after_normalization_are_a_config_error(tmp_
 
 def test_real_fashion_mnist_plus_mnist_has_the_documented_counts():
     root = data.data_root()
-    if not (root / "mnist" / "mnist.pkl.gz").exists() or not (root / "fashion-mnist").exists():
-        pytest.skip(f"real data not under {root}; run `make data`")
+    # `make test` always prepares the real data first, so its absence is a failure, not a skip
+    assert (root / "mnist" / "mnist.pkl.gz").exists() and (root / "fashion-mnist").exists(), (
+        f"real data not under {root}; run `make data`")
     train, val, test = (data.load_split("fashion-mnist+mnist", s) for s in data.SPLITS)
     assert (len(train), len(val), len(test)) == (100_000, 20_000, 20_000)
     assert len(train.classes) == 20 and train.images.shape[1:] == (1, 28, 28)
