@@ -16,3 +16,21 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One real local Ray cluster for the whole session (each start/stop costs ~5 s).
+
+    Four logical CPUs on the 2-core machine: a Tune trial's driver plus a 2-worker trainer, or a
+    Serve app beside a training run, then fits without deadlocking; tests keep their own work
+    small. Yields {"address": ..., "storage": a folder for Ray Train/Tune results}.
+    """
+    import ray
+
+    ctx = ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        yield {"address": ctx.address_info["address"],
+               "storage": str(tmp_path_factory.mktemp("ray_storage"))}
+    finally:
+        ray.shutdown()
