@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +35,16 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                "storage": str(tmp_path_factory.mktemp("ray_storage"))}
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/tiny.yaml through the whole plain-process pipeline on the real data, once per session
+    (~1 min): a real generator checkpoint in <dir>/generator (MiniLM encoder), the zoo, the report.
+    Read-only for tests: copy what you change."""
+    from tina.config import load_config
+    from tina.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    run_pipeline(load_config(Path(__file__).parent / "tiny.yaml"), out, command="pytest tiny")
+    return out

@@ -29,10 +29,8 @@ SPLITS = {"val", "id", "ood", "unseen_1", "unseen_2", "variable_k_2", "variable_
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    run_pipeline(load_config(TINY), out, command="pytest tiny")
-    return out
+def run(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 def test_pipeline_writes_report_with_the_issue_schema(run: Path):
