@@ -141,7 +141,7 @@ def test_ray_cluster_yaml_has_a_cpu_head_and_autoscaling_gpu_workers():
 
 def test_ray_cluster_yaml_installs_the_project_and_prepares_the_data_on_every_node():
     config = _yaml("ray_cluster.yaml")
-    assert config["file_mounts"] == {"~/tina": "."}
+    assert config["file_mounts"]["~/tina"] == "."
     for path in (".venv", "runs", "data", "bench/results"):
         assert path in config["rsync_exclude"]
     # setup_commands run on every node (head and workers; no node type overrides them).
@@ -157,6 +157,14 @@ def test_ray_cluster_yaml_installs_the_project_and_prepares_the_data_on_every_no
     assert "mlflow server" in head_start
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c
                for c in config["worker_start_ray_commands"])
+
+
+def test_ray_cluster_yaml_turns_on_token_authentication_on_every_node():
+    config = _yaml("ray_cluster.yaml")
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert start.startswith("export RAY_AUTH_MODE=token;"), start
 
 
 def _gpu_as_fraction(c: dict) -> None:
@@ -232,6 +240,7 @@ def test_rayservice_serves_the_same_application_as_serve_config():
     assert runtime_env["working_dir"].endswith(".zip")
     cluster = manifest["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"}
     (gpu,) = cluster["workerGroupSpecs"]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
 
@@ -250,6 +259,7 @@ def test_rayjob_runs_the_pipeline_job_on_a_cpu_head_and_autoscaling_gpu_workers(
     assert {"TINA_DATA_DIR", "MLFLOW_TRACKING_URI"} <= set(runtime_env["env_vars"])
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__ and cluster["enableInTreeAutoscaling"]
+    assert cluster["authOptions"] == {"mode": "token"}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     (gpu,) = cluster["workerGroupSpecs"]
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
