@@ -227,6 +227,13 @@ def test_a_broken_serve_config_fails_validation(breakage):
         _validate_serve_config(config)
 
 
+def test_the_served_checkpoint_is_the_one_the_rayjob_pipeline_writes():
+    _, args = _entrypoint(_yaml("cluster/rayjob.yaml")["spec"]["entrypoint"])
+    out = args[args.index("--out") + 1]
+    (app,) = _yaml("cluster/serve_config.yaml")["applications"]
+    assert app["args"]["checkpoint"] == f"{out}/generator"
+
+
 def test_rayservice_serves_the_same_application_as_serve_config():
     manifest = _yaml("cluster/rayservice.yaml")
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
@@ -283,6 +290,10 @@ def test_runtime_env_yaml_is_a_valid_ray_runtime_env_with_the_cluster_settings()
     assert runtime_env["working_dir"] == "."
     assert {"TINA_DATA_DIR", "MLFLOW_TRACKING_URI"} <= set(runtime_env["env_vars"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://")
+    # Where ray_cluster.yaml's setup prepares the data (~ is /home/ray in the rayproject images).
+    assert runtime_env["env_vars"]["TINA_DATA_DIR"] == "/home/ray/tina-data"
+    setup = _yaml("ray_cluster.yaml")["setup_commands"]
+    assert "bash ~/tina/scripts/fetch_data.sh ~/tina-data" in setup
     with pytest.raises(TypeError):  # RuntimeEnv checks field types: a broken copy fails
         RuntimeEnv(**dict(runtime_env, excludes="/.venv"))
 
