@@ -104,12 +104,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, store_template: Path
 @pytest.fixture(scope="module")
 def logged(mlflow_server: str, tiny_run: Path) -> dict:
     """The tiny run logged through tina.tracking to the server, its generator registered."""
-    cfg = load_config(TINY)
+    # a system metrics sample every 0.5 s: this run lasts a few seconds
+    cfg = load_config(TINY, ["tracking.system_metrics_interval_s=0.5"])
     report = json.loads((tiny_run / "report.json").read_text())
     losses = json.loads((tiny_run / "generator" / "train_history.json").read_text())["loss"]
-    run = PipelineRun.from_config(cfg, config_path=TINY, run_name="tiny", uri=mlflow_server)
-    run.interval_s = 0.5  # a system metrics sample every 0.5 s: this run lasts a few seconds
-    with run:
+    with PipelineRun.from_config(cfg, config_path=TINY, run_name="tiny",
+                                 uri=mlflow_server) as run:
         run.log_config(cfg)
         report_step = run.metric_logger("generator")
         for step, loss in enumerate(losses):  # as train_generator's report callback is called
@@ -210,11 +210,18 @@ def test_the_default_store_is_runs_mlruns_db_under_the_checkout_with_artifacts_b
 
     (tmp_path / "runs").mkdir()
     shutil.copy(store_template, tmp_path / "runs" / "mlruns.db")
+    losses = json.loads((tiny_run / "generator" / "train_history.json").read_text())["loss"]
     with PipelineRun("local", root=tmp_path, system_metrics=False) as run:
-        run.log_metrics({"loss": 1.5}, step=3, prefix="generator")
-        run.log_outputs(tiny_run)
+        with run.stage("outputs"):
+            run.log_outputs(tiny_run)
+        # as a driver logs a Ray Train run's reports after it ends
+        run.log_history([{"step": 50 * i, "loss": v} for i, v in enumerate(losses[:3])],
+                        prefix="generator")
     client = MlflowClient(uri)
-    assert client.get_run(run.run_id).data.metrics["generator.loss"] == 1.5
+    history = sorted(client.get_metric_history(run.run_id, "generator.loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(0, losses[0]), (50, losses[1]),
+                                                    (100, losses[2])]
+    assert client.get_run(run.run_id).data.metrics["stage_s.outputs"] == run.stages["outputs"]
     # artifacts under runs/mlartifacts, never MLflow's ./mlruns default in the working directory
     assert (tmp_path / "runs" / "mlartifacts" / "local" / run.run_id / "artifacts"
             / "generator" / "tina.safetensors").is_file()
