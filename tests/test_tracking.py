@@ -4,9 +4,11 @@ and must give exactly the parameters `tina generate` writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,7 +76,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, store_template: Path
          "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{home / 'mlruns.db'}",
          "--artifacts-destination", str(home / "artifacts")],
-        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own process group: the uvicorn worker stops with it
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -92,12 +95,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, store_template: Path
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         log.close()
 
 
@@ -105,7 +109,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, store_template: Path
 def logged(mlflow_server: str, tiny_run: Path) -> dict:
     """The tiny run logged through tina.tracking to the server, its generator registered."""
     # a system metrics sample every 0.5 s: this run lasts a few seconds
-    cfg = load_config(TINY, ["tracking.system_metrics_interval_s=0.5"])
+    cfg = load_config(TINY, ["tracking.enabled=true", "tracking.system_metrics_interval_s=0.5"])
     report = json.loads((tiny_run / "report.json").read_text())
     losses = json.loads((tiny_run / "generator" / "train_history.json").read_text())["loss"]
     with PipelineRun.from_config(cfg, config_path=TINY, run_name="tiny",
