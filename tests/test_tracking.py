@@ -235,6 +235,9 @@ def test_the_default_store_is_runs_mlruns_db_under_the_checkout_with_artifacts_b
     models = tmp_path / "runs" / "mlartifacts" / "tina-generators" / "models"
     assert list(models.glob("m-*/artifacts/MLmodel"))
 
+    with PipelineRun("local", root=tmp_path, system_metrics=False, register=False) as unregistered:
+        assert unregistered.register_generator(tiny_run / "generator") is None
+    assert len(client.search_model_versions("name = 'tina-local'")) == 1  # its default name
     with pytest.raises(RuntimeError), PipelineRun("local", root=tmp_path,
                                                   system_metrics=False) as failed:
         raise RuntimeError("a stage failed")

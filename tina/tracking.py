@@ -1,13 +1,13 @@
 """MLflow tracking: one store per checkout, one experiment per config, one run per pipeline run.
 
     with PipelineRun.from_config(cfg, config_path="configs/demo.yaml") as run:
-        run.log_config(cfg)
-        with run.stage("zoo"): ...                          # stage_s.zoo
-        train_generator(..., report=run.metric_logger("generator"))   # generator.loss at each step
-        run.log_history(ray_result_rows, prefix="generator")          # or, after a Ray Train run
-        run.log_report(report)
-        run.log_outputs(out)                      # zoo manifest, checkpoint, report, plots
-        run.register_generator(out / "generator")           # Model Registry, pyfunc from code
+        run.log_config(cfg)                              # params train.lr, dit.width, ...
+        with run.stage("zoo"): ...                       # metric stage_s.zoo
+        train_generator(..., report=run.metric_logger("generator"))  # generator.loss per step
+        run.log_history(rank0_reports, prefix="generator")  # or after a Ray Train run
+        run.log_report(report)                           # acc.<split>.<method>, stage_s.*, tags
+        run.log_outputs(out)                             # zoo manifest, checkpoint, report, plots
+        run.register_generator(out / "generator")        # Model Registry: pyfunc from code
 
 Only the driver (or rank 0) holds a PipelineRun: it writes through one `MlflowClient` with explicit
 run ids, so nothing depends on MLflow's global "active run". The store is `MLFLOW_TRACKING_URI`
@@ -168,14 +168,17 @@ class PipelineRun:
     On entry it resolves the store, gets or creates the experiment, creates the run and starts
     MLflow's system metrics monitor (when psutil is installed); on exit it stops the monitor and
     marks the run FINISHED, or FAILED / KILLED when the block raised. With `enabled=False` no store
-    is touched and every method returns without doing anything.
+    is touched and every method returns without doing anything. Methods raise MlflowException when
+    the store cannot be reached.
     """
 
     def __init__(self, experiment: str, run_name: str | None = None, uri: str | None = None,
                  root: str | Path | None = None, enabled: bool = True,
                  system_metrics: bool = True, system_metrics_interval_s: float = 10.0,
-                 model_name: str | None = None, tags: Mapping[str, str] | None = None):
+                 model_name: str | None = None, register: bool = True,
+                 tags: Mapping[str, str] | None = None):
         self.experiment, self.run_name, self.enabled = experiment, run_name, enabled
+        self.register = register
         self.model_name = model_name or f"tina-{experiment}"
         self.system_metrics, self.interval_s = system_metrics, system_metrics_interval_s
         self.tags = dict(tags or {})
@@ -196,7 +199,7 @@ class PipelineRun:
         return cls(experiment_name(config_path, t.experiment), run_name=run_name, uri=uri,
                    enabled=t.enabled, system_metrics=t.system_metrics,
                    system_metrics_interval_s=t.system_metrics_interval_s,
-                   model_name=t.model_name, tags=tags)
+                   model_name=t.model_name, register=t.register, tags=tags)
 
     def __enter__(self) -> PipelineRun:
         if not self.enabled:
@@ -317,8 +320,8 @@ class PipelineRun:
     def register_generator(self, checkpoint_dir: str | Path,
                            name: str | None = None) -> tuple[str, int] | None:
         """Register the checkpoint under `name` (default: the run's model name) as a model of this
-        run; returns (name, version), or None when tracking is off."""
-        if self.client is None:
+        run; returns (name, version), or None when tracking or registration is off."""
+        if self.client is None or not self.register:
             return None
         return register_generator(checkpoint_dir, name or self.model_name, self.run_id, self.uri)
 
