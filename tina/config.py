@@ -160,6 +160,16 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = True  # log the run to MLflow (tina.tracking); false: no store is touched
+    experiment: str | None = None  # MLflow experiment; None: the config file's stem
+    system_metrics: bool = True  # CPU/memory/disk/network samples (psutil) as system/* metrics
+    system_metrics_interval_s: float = 10.0  # seconds between system metric samples
+    register: bool = True  # register the generator in the Model Registry after the run
+    model_name: str | None = None  # registered model name; None: "tina-<experiment>"
+
+
+@dataclass
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -172,6 +182,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0  # master seed; `--seed N` sets every stage's seed to N
     note: str = ""  # free text, e.g. "not run at scale here"
 
@@ -216,7 +227,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 _DATACLASSES: dict[str, type] = {
     c.__name__: c
     for c in (DataConfig, ArchConfig, GenericConfig, ZooConfig, EncoderConfig, TokenConfig,
-              DiTConfig, DiffusionConfig, TrainConfig, SampleConfig, EvalConfig)
+              DiTConfig, DiffusionConfig, TrainConfig, SampleConfig, EvalConfig, TrackingConfig)
 }
 
 
