@@ -19,6 +19,24 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # A test that runs the pipeline driver logs to MLflow: never into the checkout's runs/, and
+    # no usage telemetry leaves the machine.
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY")}
+    store = tmp_path_factory.mktemp("mlflow") / "mlruns.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One real local Ray cluster for the whole session (each start/stop costs ~5 s).
