@@ -23,7 +23,8 @@ from safetensors.torch import load as load_safetensors
 from tina.client import ServerError, TinaClient, read_metadata
 
 CFG = {  # small limits so that each error case costs a few kilobytes
-    "autoscaling": False, "num_replicas": 1, "num_cpus": 0.5, "max_batch_size": 8,
+    "autoscaling": True, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5,
+    "max_batch_size": 8,
     "batch_wait_timeout_s": 0.3, "max_queued_requests": 8, "max_body_bytes": 400_000,
     "max_images": 4, "max_examples_per_class": 3, "max_image_bytes": 100_000,
     "max_image_pixels": 1_000_000, "request_timeout_s": 60, "ingress_num_cpus": 0.1,
@@ -248,7 +249,8 @@ def test_request_id_echoed_or_generated(url: str) -> None:
     ({"classes": ["Bag"], "colour": "red"}, 422, "unknown_field", "colour", ["colour: unknown"]),
     ({"classes": ["Bag"], "steps": 5000}, 422, "prompt_error", "steps",
      ["steps: 5000 is outside [1, 1000]"]),
-    ({"classes": ["Bag"], "steps": 0}, 422, "invalid_value", "steps", ["steps:", "greater than or equal to 1"]),
+    ({"classes": ["Bag"], "steps": 0}, 422, "invalid_value", "steps",
+     ["steps:", "greater than or equal to 1"]),
     ({"classes": ["Bag"], "guidance": -1}, 422, "invalid_value", "guidance", ["guidance:"]),
     ({"classes": ["Bag"], "seed": 2**70}, 422, "invalid_value", "seed", ["seed:"]),
     ({"classes": ["Bag"], "sampler": "euler"}, 422, "invalid_value", "sampler", ["'ddim'"]),
@@ -422,6 +424,26 @@ def test_tina_request_cli(url: str, tmp_path: Path, test_images: torch.Tensor,
     assert main(["request", "--url", f"http://127.0.0.1:{_free_port()}", "--classes", "Bag"]) == 2
     assert "cannot reach" in capsys.readouterr().err
     assert main(["request", "--url", url, "--classes", "Bag", "--classify", "nope.png"]) == 2
+
+
+def test_serve_config_from_command_line_strings(tmp_path: Path) -> None:
+    """`serve run tina.serve:build_app key=value` passes strings; they are typed, and checked."""
+    from tina.config import serve_config_from_args
+    from tina.errors import CheckpointError, ConfigError
+    from tina.serve import build_app
+
+    cfg = serve_config_from_args({"checkpoint": "run/generator", "max_batch_size": "4",
+                                  "autoscaling": "false", "num_cpus": "0.25",
+                                  "image_encoder": "123"})
+    assert (cfg.max_batch_size, cfg.autoscaling, cfg.num_cpus) == (4, False, 0.25)
+    assert cfg.image_encoder == "123" and cfg.replica_max_ongoing() == 8
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        serve_config_from_args({"checkpoint": "x", "max_batch_size": "8",
+                                "max_ongoing_requests": "4"})
+    with pytest.raises(ConfigError, match="checkpoint: required"):
+        serve_config_from_args({})
+    with pytest.raises(CheckpointError, match="no tina.json"):
+        build_app({"checkpoint": str(tmp_path)})
 
 
 def test_tina_serve_rejects_bad_arguments_before_starting(tmp_path: Path,

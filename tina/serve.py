@@ -133,8 +133,15 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> dict:
-        """Ready once a generator replica has loaded the checkpoint and its file is in place."""
-        await self._call(self.generator.ready.remote())  # 503 while the checkpoint is gone
+        """Ready once a generator replica has loaded the checkpoint and its file is in place;
+        else 503 (checkpoint_unavailable, or not_ready when no replica answers within 5 s)."""
+        try:
+            await self._call(self.generator.ready.remote(), timeout_s=5.0)
+        except ApiError as e:
+            if e.code == "timeout":
+                raise ApiError(503, "not_ready", "server: no generator replica has loaded the "
+                               "checkpoint yet", headers={"Retry-After": "5"}) from None
+            raise
         return {"status": "ready", "checkpoint_id": self.checkpoint_id}
 
     @app.get("/v1/info")
@@ -206,21 +213,22 @@ class Ingress:
                   "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance}
         return await self._call(self.generator.generate.remote(prompt))
 
-    async def _call(self, response: Any) -> Any:
-        """Await a generator call within the request timeout; map its failures to ApiError."""
+    async def _call(self, response: Any, timeout_s: float | None = None) -> Any:
+        """Await a generator call within the request timeout (or `timeout_s`); map its failures
+        to ApiError."""
         if not (self.ckpt / WEIGHTS).is_file():
             raise ApiError(503, "checkpoint_unavailable", f"checkpoint: {self.ckpt / WEIGHTS} "
                            "is gone; the operator must restore it or redeploy",
                            headers={"Retry-After": str(self.cfg.retry_after_s * 30)})
         try:
-            out = await asyncio.wait_for(response, self.cfg.request_timeout_s)
+            out = await asyncio.wait_for(response, timeout_s or self.cfg.request_timeout_s)
         except BackPressureError:
             raise ApiError(503, "overloaded", "server: the generator queue is full "
                            f"(max_queued_requests {self.cfg.max_queued_requests}); retry later",
                            headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
         except TimeoutError:
             raise ApiError(504, "timeout", f"server: no answer within request_timeout_s "
-                           f"{self.cfg.request_timeout_s}") from None
+                           f"{timeout_s or self.cfg.request_timeout_s}") from None
         if isinstance(out, dict) and "error" in out:  # a TinaError, returned as a value
             msg, kind = out["error"], out["kind"]
             if kind == "CheckpointError":
