@@ -10,7 +10,17 @@ concurrent requests into one sampler call with `@serve.batch` (Ray Serve's dynam
 an LRU cache of generated models keyed by (checkpoint id, prompt, seed, sampler, steps, guidance)
 and scale with `autoscaling_config`. A prompt's noise depends only on (seed, prompt)
 (tina.generate.prompt_seed), so a model is the same alone or in any batch (to float rounding).
-Settings: tina.config.ServeConfig. Routes: see `Ingress` and the OpenAPI page at /docs.
+Settings: tina.config.ServeConfig (the keys of build_app's args).
+
+Routes (OpenAPI page at /docs; request schemas in tina.api):
+    POST /v1/models    {"classes": [...]} | {"examples": [[b64, ...], ...]}, optional "seed",
+                       "sampler", "steps", "guidance", "format": "safetensors" (default) | "json"
+    POST /v1/classify  the same prompt fields + "images": [b64, ...] -> labels, probabilities
+    GET  /healthz, /readyz, /v1/info, /v1/stats (one generator replica's batch-size histogram)
+Errors: {"error": {"code", "message", "field"}, "request_id"} with a 4xx status for what the
+client sent, 503 (+ Retry-After) for overload or a missing checkpoint, 504 after the timeout.
+To add routes (e.g. a page at "/"), register them on `app` before the `Ingress` class below:
+`@serve.ingress(app)` freezes a copy of the app when the class is defined.
 """
 
 
@@ -54,6 +64,7 @@ from tina.api import (
 from tina.config import ServeConfig, serve_config_from_args
 from tina.errors import CheckpointError
 from tina.serve_generator import WEIGHTS, Generator, checkpoint_id
+from tina.tasks import MAX_NAME_CHARS
 
 __all__ = ["Generator", "Ingress", "app", "build_app"]
 
@@ -159,7 +170,7 @@ class Ingress:
             "preprocessing": m["preprocessing"], "input_preprocessing": INPUT_PREPROCESSING,
             "limits": {k: getattr(c, k) for k in (
                 "max_body_bytes", "max_images", "max_examples_per_class", "max_image_bytes",
-                "max_image_pixels", "request_timeout_s")} | {"max_name_chars": 200},
+                "max_image_pixels", "request_timeout_s")} | {"max_name_chars": MAX_NAME_CHARS},
         }
 
     @app.get("/v1/stats")
