@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from safetensors.torch import save as save_safetensors
@@ -237,6 +238,10 @@ class Ingress:
             raise ApiError(503, "overloaded", "server: the generator queue is full "
                            f"(max_queued_requests {self.cfg.max_queued_requests}); retry later",
                            headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+        except RayActorError:  # the replica died (e.g. out of memory); Serve starts another
+            raise ApiError(503, "generator_unavailable", "server: the generator replica "
+                           "stopped; retry shortly",
+                           headers={"Retry-After": str(self.cfg.retry_after_s * 5)}) from None
         except TimeoutError:
             raise ApiError(504, "timeout", f"server: no answer within request_timeout_s "
                            f"{timeout_s or self.cfg.request_timeout_s}") from None
