@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,6 +237,16 @@ def test_request_id_echoed_or_generated(url: str) -> None:
     assert r.json()["request_id"] == "bad-one-7"
     a, b = requests.get(url + "/healthz"), requests.get(url + "/healthz")
     assert a.headers["x-request-id"] and a.headers["x-request-id"] != b.headers["x-request-id"]
+    # the ingress replica's log names the request id with the error it answered
+    from ray._private.worker import _global_node
+
+    logs = Path(_global_node.get_logs_dir_path()) / "serve"
+    for _ in range(50):  # log lines reach the file within moments
+        text = "".join(p.read_text(errors="replace") for p in logs.glob("*Ingress*.log"))
+        if "request_id=bad-one-7" in text:
+            break
+        time.sleep(0.1)
+    assert "request_id=bad-one-7 POST /v1/models -> 422 prompt_error" in text
 
 
 # ---------------------------------------------------------------------------------------------
