@@ -142,6 +142,21 @@ class Placement:
         return (seed * 1_000_003 + self.rank * 7919 + resumed_at) % 2**63
 
 
+@dataclass
+class GeneratorInputs:
+    """What `train_generator` trains on (its arguments after `cfg`), built once by the driver
+    (tina.pipeline.generator_inputs) and handed to every worker."""
+
+    layout: ParamLayout  # the generated K_max-row model
+    generic_flat: torch.Tensor  # (P_generic,) float32
+    generic_layout: ParamLayout
+    has_row: torch.Tensor  # (N,) bool
+    class_emb: torch.Tensor  # (N, D) float32 label-space name embeddings
+    zoo_flats: torch.Tensor  # (M, P) float32
+    zoo_ids: torch.Tensor  # (M, K_max) int64
+    meta: dict[str, Any]  # checkpoint metadata without the generator's own fields
+
+
 OnCheckpoint = Callable[[TrainState, Callable[[], Generator]], None]
 
 
