@@ -67,7 +67,8 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _save_model(model: SmallCNN, path: Path, meta: dict) -> None:
+def save_model(model: SmallCNN, path: Path, meta: dict) -> None:
+    """A classifier as path (safetensors state_dict) + path.with_suffix('.json') (meta)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
@@ -84,7 +85,7 @@ def stage_generic(cfg: PipelineConfig, out: Path, train: ImageSet, val: ImageSet
     else:
         model, meta = train_generic(cfg.arch.name, train, val, space.seen_ids, cfg.generic)
         meta |= {"arch": cfg.arch.name, "classes": space.classes}
-        _save_model(model, path, meta)
+        save_model(model, path, meta)
     return model.eval(), torch.tensor(meta["has_row"])
 
 

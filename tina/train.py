@@ -245,7 +245,8 @@ def train_generator(cfg: PipelineConfig, layout: ParamLayout, generic_flat: torc
 
     def make_generator() -> Generator:
         dit, avg = (copy.deepcopy(m).float().cpu().eval() for m in (model, ema))
-        return Generator(Parts(full_meta, dit, avg, norm, generic_flat, has_row, class_emb))
+        return Generator(Parts(copy.deepcopy(full_meta), dit, avg, norm, generic_flat, has_row,
+                               class_emb))
 
     hist: list[float] = list(resume.loss) if resume is not None else []
     b, dev = place.batch_size(tc.batch_size), place.device
