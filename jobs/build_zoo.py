@@ -93,22 +93,36 @@ def zoo_trainer(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: 
 
 def run_build_zoo(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: list[Task],
                   opts: RayOptions, name: str | None = None) -> dict:
-    """Build (or finish) the zoo on Ray and merge its manifest; returns the last metrics
-    ({"written", "skipped", "pmodels_per_s", "elapsed_s", "chunk"}, summed over workers)."""
+    """Build (or finish) the zoo on Ray and merge its manifest.
+
+    Returns:
+        {"written", "skipped" (p-models found finished), "run_s" (wall seconds, worker start-up
+        included), "ray_run" (the run's storage path)}. Per-chunk progress and throughput went
+        through ray.train.report (Result.metrics stays empty: those reports carry no checkpoint).
+    """
     init_ray(opts)
-    ZooStore(Path(out) / "zoo")  # creates the folder before the workers race to
+    store = ZooStore(Path(out) / "zoo")  # creates the folder before the workers race to
+    before = {e.id for e in store.entries()}
+    t0 = time.perf_counter()
     result = zoo_trainer(cfg, out, generic, tasks, opts, name).fit()
-    ZooStore(Path(out) / "zoo").merge()
-    metrics = result.metrics or {}
-    return dict(metrics)
+    run_s = time.perf_counter() - t0
+    store.merge()
+    ids = {f"pm-{i:05d}" for i in range(len(tasks))}
+    return {"written": len(ids & {e.id for e in store.entries()} - before),
+            "skipped": len(ids & before), "run_s": run_s, "ray_run": result.path}
 
 
 def stage_zoo_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, splits: Splits,
                   generic: SmallCNN, train: ImageSet,
                   val: ImageSet) -> tuple[list[ZooEntry], torch.Tensor]:
-    """`tina.pipeline.stage_zoo` with the fine-tuning as a Ray Train run."""
-    run_build_zoo(cfg, out, generic, splits.zoo, opts)
-    return ZooStore(out / "zoo").load()
+    """`tina.pipeline.stage_zoo` with the fine-tuning as a Ray Train run (none when the store
+    already holds every task's p-model, as on a pipeline re-run)."""
+    store = ZooStore(out / "zoo")
+    if {e.id for e in store.entries()} >= {f"pm-{i:05d}" for i in range(len(splits.zoo))}:
+        store.merge()
+    else:
+        run_build_zoo(cfg, out, generic, splits.zoo, opts)
+    return store.load()
 
 
 def load_generic(cfg: PipelineConfig, out: str | Path) -> SmallCNN:

@@ -36,7 +36,7 @@ class RayOptions:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # also each worker's torch threads (at least 1)
     storage_path: str | None = None  # Ray Train storage; None: <out>/ray
-    max_failures: int = 0  # worker-group restarts allowed per run (FailureConfig)
+    max_failures: int = 1  # worker-group restarts allowed per run (FailureConfig)
     pid_dir: str | None = None  # if set, each generator-training worker writes rank<r>.json
     start_timeout_s: float = 300.0  # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless already set
 

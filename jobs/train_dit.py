@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from jobs.common import (
     RayOptions,
     add_args,
@@ -33,6 +35,7 @@ from jobs.common import (
     options,
     run_config,
     run_name,
+    scaling,
     worker_config,
     worker_threads,
 )
@@ -111,7 +114,11 @@ def _train_loop(config: dict) -> None:
             json.dumps({"pid": os.getpid(), "rank": rank}))
     workdir = Path(tempfile.mkdtemp(prefix="tina-dit-"))
     resume, best = None, {"score": None, "step": None, "use_ema": None, "history": []}
+    # a restart within this run resumes from the run's latest checkpoint, a new run from the
+    # checkpoint it was given (TorchTrainer's resume_from_checkpoint is deprecated in Train V2)
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config["resume_from"]:
+        ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = TrainState.load(Path(d) / "state")
@@ -140,21 +147,19 @@ def val_subset(cfg: PipelineConfig, tasks: list[Task]) -> ImageSet | None:
         return None
     val = load_split(cfg.data.dataset, "val", root=cfg.data.root, image_size=cfg.data.image_size)
     keep = sorted({c for t in tasks for c in t})
-    rows = [val.class_indices(c) for c in keep]
-    import torch
-
-    idx = torch.cat(rows)
+    idx = torch.cat([val.class_indices(c) for c in keep])
     return ImageSet(val.images[idx].clone(), val.labels[idx].clone(), val.classes)
 
 
 def dit_trainer(cfg: PipelineConfig, inputs: GeneratorInputs, splits: Splits | None,
                 out: str | Path, opts: RayOptions, name: str | None = None,
-                resume_from=None):
+                resume_from: str | None = None):
     """A TorchTrainer of opts.num_workers DDP workers that trains the generator of `cfg`.
 
     Args:
         inputs: tina.pipeline.generator_inputs(...); splits: val tasks come from splits.val.
-        resume_from: a ray.train.Checkpoint of this job to continue from (its next step).
+        resume_from: path (or URI) of a checkpoint of this job to continue from, at its next
+            step (e.g. a `checkpoint_*` folder of an earlier run).
     Returns:
         ray.train.torch.TorchTrainer; `.fit()` returns a Result whose `checkpoint` holds
         `best/` (read it with `best_generator`).
@@ -164,12 +169,9 @@ def dit_trainer(cfg: PipelineConfig, inputs: GeneratorInputs, splits: Splits | N
     tasks = list(splits.val[: cfg.train.val_tasks]) if splits is not None else []
     loop_cfg = {"cfg": worker_config(cfg), "cpus": opts.cpus_per_worker, "inputs": inputs,
                 "val_tasks": [list(t) for t in tasks], "val": val_subset(cfg, tasks),
-                "pid_dir": opts.pid_dir}
-    from jobs.common import scaling
-
+                "pid_dir": opts.pid_dir, "resume_from": resume_from}
     return TorchTrainer(_train_loop, train_loop_config=loop_cfg, scaling_config=scaling(opts),
-                        run_config=run_config(opts, out, name or run_name("generator")),
-                        resume_from_checkpoint=resume_from)
+                        run_config=run_config(opts, out, name or run_name("generator")))
 
 
 def best_generator(checkpoint) -> tuple[Generator, dict]:
@@ -184,7 +186,7 @@ def best_generator(checkpoint) -> tuple[Generator, dict]:
 
 def run_train_dit(cfg: PipelineConfig, inputs: GeneratorInputs, splits: Splits | None,
                   out: str | Path, opts: RayOptions, name: str | None = None,
-                  resume_from=None) -> tuple[Generator, dict]:
+                  resume_from: str | None = None) -> tuple[Generator, dict]:
     """Fit `dit_trainer` and return the best generator and its history
     {"loss", "val", "train_s" (wall seconds of the run, start-up included), "steps_per_s",
     "ray_run" (the run's storage path)}."""
@@ -199,11 +201,11 @@ def run_train_dit(cfg: PipelineConfig, inputs: GeneratorInputs, splits: Splits |
                         "ray_run": result.path}
 
 
-def trainer_on_ray(opts: RayOptions, out: str | Path):
+def trainer_on_ray(opts: RayOptions, out: str | Path, resume_from: str | None = None):
     """A `tina.pipeline.GeneratorTrainer` that trains through this job."""
     def train(cfg: PipelineConfig, inputs: GeneratorInputs,
               splits: Splits | None) -> tuple[Generator, dict]:
-        return run_train_dit(cfg, inputs, splits, out, opts)
+        return run_train_dit(cfg, inputs, splits, out, opts, resume_from=resume_from)
     return train
 
 
@@ -216,7 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     from tina.zoo import ZooStore
 
     p = add_args(argparse.ArgumentParser(description=__doc__))
+    p.add_argument("--resume-from", default=None,
+                   help="a checkpoint_* folder of an earlier train_dit run to continue from")
+    p.add_argument("--pid-dir", default=None, help="each worker writes rank<r>.json (its pid)")
     args = p.parse_args(argv)
+    opts = options(args)
+    opts.pid_dir = args.pid_dir
     cfg, out = config(args), Path(args.out)
     info = dataset_info(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
     space = LabelSpace(info.classes, cfg.data.held_out)
@@ -224,12 +231,10 @@ def main(argv: list[str] | None = None) -> None:
                          cfg.seed)
     generic = load_generic(cfg, out)
     has_row = json.loads((out / "generic" / "model.json").read_text())["has_row"]
-    import torch
-
     entries, flats = ZooStore(out / "zoo").load()
     gen, hist = stage_generator(cfg, out, space, generic, torch.tensor(has_row),
                                 build_encoder(cfg.encoder), entries, flats, info.in_channels,
-                                splits, trainer_on_ray(options(args), out))
+                                splits, trainer_on_ray(opts, out, args.resume_from))
     print(f"generator in {out / 'generator'} (best val step {hist['val']['step']})")
 
 

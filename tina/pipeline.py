@@ -211,6 +211,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "",
     `stages` chooses how the generic model, the zoo and the generator are trained (default: in
     this process); everything else, and the report, is the same either way.
     """
+    # The one place for run tracking (tina.tracking, MLflow): both `tina pipeline` paths run
+    # this function, so a run opened around its body, `timed` (per-stage seconds) and the
+    # finished `report` cover the plain and the Ray pipeline alike; per-step training metrics
+    # are what the Ray runs report (jobs.common.run_config is where their callbacks go).
     stages = stages or Stages()
     # The generic model, the zoo and the image encoder run many tiny ops: one thread is nearly as
     # fast as two and does not collapse when another process shares the cores (two OpenMP threads
