@@ -113,13 +113,17 @@ def scaling(opts: RayOptions, num_workers: int | None = None):
                          resources_per_worker={"CPU": opts.cpus_per_worker})
 
 
-def run_config(opts: RayOptions, out: str | Path, name: str, num_to_keep: int | None = None):
-    """RunConfig under opts.storage(out) with FailureConfig(opts.max_failures)."""
+def run_config(opts: RayOptions, out: str | Path, name: str, num_to_keep: int | None = None,
+               callbacks: list | None = None):
+    """RunConfig under opts.storage(out) with FailureConfig(opts.max_failures); every job's
+    runs are configured here, so run-level callbacks (Tune's TuneReportCallback, tracking) are
+    passed through `callbacks`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     return RunConfig(name=name, storage_path=opts.storage(out),
                      failure_config=FailureConfig(max_failures=opts.max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep))
+                     checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+                     callbacks=callbacks)
 
 
 def worker_threads(cpus: float) -> int:

@@ -153,13 +153,16 @@ def val_subset(cfg: PipelineConfig, tasks: list[Task]) -> ImageSet | None:
 
 def dit_trainer(cfg: PipelineConfig, inputs: GeneratorInputs, splits: Splits | None,
                 out: str | Path, opts: RayOptions, name: str | None = None,
-                resume_from: str | None = None):
+                resume_from: str | None = None, callbacks: list | None = None):
     """A TorchTrainer of opts.num_workers DDP workers that trains the generator of `cfg`.
 
     Args:
         inputs: tina.pipeline.generator_inputs(...); splits: val tasks come from splits.val.
         resume_from: path (or URI) of a checkpoint of this job to continue from, at its next
             step (e.g. a `checkpoint_*` folder of an earlier run).
+        callbacks: RunConfig callbacks, e.g. [ray.tune.integration.ray_train.TuneReportCallback()]
+            in a Tune driver function; the metrics are rank 0's: "loss", "step", and at val
+            steps "val_raw", "val_ema", "best_val", "best_step".
     Returns:
         ray.train.torch.TorchTrainer; `.fit()` returns a Result whose `checkpoint` holds
         `best/` (read it with `best_generator`).
@@ -171,7 +174,8 @@ def dit_trainer(cfg: PipelineConfig, inputs: GeneratorInputs, splits: Splits | N
                 "val_tasks": [list(t) for t in tasks], "val": val_subset(cfg, tasks),
                 "pid_dir": opts.pid_dir, "resume_from": resume_from}
     return TorchTrainer(_train_loop, train_loop_config=loop_cfg, scaling_config=scaling(opts),
-                        run_config=run_config(opts, out, name or run_name("generator")))
+                        run_config=run_config(opts, out, name or run_name("generator"),
+                                              callbacks=callbacks))
 
 
 def best_generator(checkpoint) -> tuple[Generator, dict]:

@@ -50,6 +50,17 @@ def _checkpoints(run_dir: Path) -> list[dict]:
     return sorted(found, key=lambda c: (c["start_step"], c["step"]))
 
 
+def _registered(run_dir: Path) -> int:
+    """Checkpoints Ray Train's controller has registered for a run (its snapshot file)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    try:
+        snapshot = json.loads((run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0
+    return len(snapshot["checkpoint_results"])
+
+
 def test_ray_pipeline_writes_the_report_of_the_plain_pipeline(ray_run: dict,
                                                               tiny_run: Path) -> None:
     plain = json.loads((tiny_run / "report.json").read_text())
@@ -111,11 +122,12 @@ def test_the_generator_job_writes_its_best_val_checkpoint_in_the_generator_forma
 
 def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
         ray_run: dict, tmp_path: Path) -> None:
-    """Start from the pipeline run's step-6 checkpoint (a given checkpoint), kill rank 1 with
-    SIGKILL after this run's 2nd checkpoint; the second attempt must resume at the step after
-    the latest checkpoint and end at train.steps."""
+    """Start from the pipeline run's step-6 checkpoint (a given checkpoint: the run begins at
+    step 6), kill rank 1 with SIGKILL after this run's 2nd reported checkpoint; the second
+    attempt must resume at the step after the latest reported checkpoint and end at
+    train.steps."""
     out = ray_run["out"]
-    steps, every = 400, 20
+    steps, every = 300, 10
     cfg = load_config(TINY, RAY_SET + [f"train.steps={steps}", f"train.checkpoint_every={every}",
                                        "train.val_every=0"])
     hist = json.loads((out / "generator" / "train_history.json").read_text())
@@ -137,21 +149,24 @@ def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
     fit = threading.Thread(target=lambda: results.append(trainer.fit()))
     fit.start()
     run_dir = tmp_path / "ray" / "kill-test"
+    # Kill once the controller has registered 2 checkpoints: results the workers reported but
+    # the controller has not polled yet (it polls every 2 s) die with the worker group.
     deadline = time.monotonic() + 180
-    while len(_checkpoints(run_dir)) < 2 and fit.is_alive() and time.monotonic() < deadline:
+    while _registered(run_dir) < 2 and fit.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     killed = json.loads((pids / "rank1.json").read_text())["pid"]
     os.kill(killed, signal.SIGKILL)
     fit.join(timeout=240)
     assert not fit.is_alive() and results, "the run did not finish"
-    ckpts = _checkpoints(run_dir)
-    first = [c for c in ckpts if c["start_step"] == 6]
-    second = [c for c in ckpts if c["start_step"] > 6]
-    assert len(first) >= 2 and all(c["step"] % every == 0 for c in first)
+    # what Ray Train registered as reported checkpoints, with their metrics
+    reported = sorted((m["start_step"], m["step"]) for _, m in results[0].best_checkpoints)
+    first = [step for start, step in reported if start == 6]  # began at the given checkpoint
+    second = [(start, step) for start, step in reported if start > 6]
+    assert len(first) >= 2 and all(step % every == 0 for step in first)
     assert second, "no second attempt: the kill came after the run had ended"
-    latest = max(c["step"] for c in first)
-    assert {c["start_step"] for c in second} == {latest}
-    assert min(c["step"] for c in second) == latest + every
-    assert max(c["step"] for c in second) == steps
+    latest = max(first)
+    assert {start for start, _ in second} == {latest}  # resumed at the step after it
+    assert min(step for _, step in second) == latest + every
+    assert max(step for _, step in second) == steps
     assert results[0].metrics["step"] == steps and results[0].metrics["start_step"] == latest
     assert json.loads((pids / "rank1.json").read_text())["pid"] != killed
