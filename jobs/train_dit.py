@@ -22,6 +22,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,8 +129,13 @@ def _train_loop(config: dict) -> None:
                 shutil.copytree(Path(d) / "best", workdir / "best")
     start = resume.step if resume is not None else 0
 
+    t0 = time.perf_counter()
+
     def report(step: int, metrics: dict) -> None:
-        ray.train.report(metrics | {"step": step + 1, "start_step": start})
+        # global samples/s of this attempt since its first step (start-up excluded)
+        rate = (step + 1 - start) * cfg.train.batch_size / (time.perf_counter() - t0)
+        ray.train.report(metrics | {"step": step + 1, "start_step": start,
+                                    "samples_per_s": rate})
 
     place = Placement(rank, world, ray.train.torch.get_device(), ray.train.torch.prepare_model)
     hand_off = CheckpointHandOff(cfg, rank, start, [tuple(t) for t in config["val_tasks"]],
@@ -194,8 +200,6 @@ def run_train_dit(cfg: PipelineConfig, inputs: GeneratorInputs, splits: Splits |
     """Fit `dit_trainer` and return the best generator and its history
     {"loss", "val", "train_s" (wall seconds of the run, start-up included), "steps_per_s",
     "ray_run" (the run's storage path)}."""
-    import time
-
     init_ray(opts)
     t0 = time.perf_counter()
     result = dit_trainer(cfg, inputs, splits, out, opts, name, resume_from).fit()
