@@ -12,6 +12,10 @@ loss history), `best/` (the best generator so far, the tina.safetensors + tina.j
 resumes from `ray.train.get_checkpoint()` at the next step. At val steps the raw and EMA weights
 are scored on the first train.val_tasks `val` tasks (never test); the best (step, weights) is
 what the job writes as <out>/generator.
+
+Ray Train V2's `report` blocks until the controller has polled the previous result (every
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): progress goes out every 50 steps and
+checkpoints every train.checkpoint_every steps, so keep both well above 2 s of training.
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ from tina.zoo import ZooStore
 
 TINY = Path(__file__).parent / "tiny.yaml"
 # the generator run keeps checkpoints at steps 6, 12, 18, 24 and scores val at 12 and 24
+# ray.train.report blocks until the Train controller polls the worker (a queue of one result),
+# and the controller polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): the tiny
+# runs here report every few steps, so they poll faster (the driver's value reaches the
+# controller at fit time)
+POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 RAY_SET = ["train.steps=24", "train.checkpoint_every=6", "train.val_every=12",
            "train.val_tasks=2", "train.val_sample_steps=3"]
 
@@ -39,7 +44,9 @@ def ray_run(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
     cfg = load_config(TINY, RAY_SET)
     opts = RayOptions(address=ray_cluster["address"], num_workers=2,
                       storage_path=str(out / "ray"))
-    report = run_ray_pipeline(cfg, out, opts, command="pytest ray pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(*POLL)
+        report = run_ray_pipeline(cfg, out, opts, command="pytest ray pipeline")
     return {"out": out, "cfg": cfg, "opts": opts, "report": report}
 
 
@@ -121,13 +128,13 @@ def test_the_generator_job_writes_its_best_val_checkpoint_in_the_generator_forma
 
 
 def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
-        ray_run: dict, tmp_path: Path) -> None:
+        ray_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Start from the pipeline run's step-6 checkpoint (a given checkpoint: the run begins at
     step 6), kill rank 1 with SIGKILL after this run's 2nd reported checkpoint; the second
     attempt must resume at the step after the latest reported checkpoint and end at
     train.steps."""
     out = ray_run["out"]
-    steps, every = 300, 10
+    steps, every = 150, 10
     cfg = load_config(TINY, RAY_SET + [f"train.steps={steps}", f"train.checkpoint_every={every}",
                                        "train.val_every=0"])
     hist = json.loads((out / "generator" / "train_history.json").read_text())
@@ -141,6 +148,7 @@ def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
     inputs = generator_inputs(cfg, space, generic, has_row, build_encoder(cfg.encoder), entries,
                               flats, 1)
     pids = tmp_path / "pids"
+    monkeypatch.setenv(*POLL)
     opts = RayOptions(address=ray_run["opts"].address, num_workers=2, max_failures=1,
                       storage_path=str(tmp_path / "ray"), pid_dir=str(pids))
     trainer = dit_trainer(cfg, inputs, splits, tmp_path, opts, name="kill-test",
@@ -150,7 +158,7 @@ def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
     fit.start()
     run_dir = tmp_path / "ray" / "kill-test"
     # Kill once the controller has registered 2 checkpoints: results the workers reported but
-    # the controller has not polled yet (it polls every 2 s) die with the worker group.
+    # the controller has not polled yet die with the worker group.
     deadline = time.monotonic() + 180
     while _registered(run_dir) < 2 and fit.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
