@@ -1,6 +1,7 @@
 """`tina` command line: pipeline, generate, serve, request.
 
     tina pipeline --config configs/demo.yaml --out runs/demo [--seed 1] [--set train.steps=500]
+        [--num-workers 2] [--address ADDR] [--no-ray]
     tina generate --checkpoint runs/demo/generator --class sneaker --class "T-shirt/top" --out m/
     tina serve --checkpoint runs/demo/generator [--port 8000] [--set max_batch_size=16]
     tina request --url http://127.0.0.1:8000 --classes "sneaker,bag" --out model.safetensors
@@ -27,7 +28,14 @@ def _pipeline(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set, args.seed)
     command = "tina " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = run_pipeline(cfg, args.out, command)
+    if args.no_ray:
+        report = run_pipeline(cfg, args.out, command)
+    else:  # the training stages as Ray Train runs, on --address or a local cluster (jobs/)
+        from jobs.common import RayOptions
+        from jobs.pipeline import run_ray_pipeline
+
+        opts = RayOptions(address=args.address, num_workers=args.num_workers)
+        report = run_ray_pipeline(cfg, args.out, opts, command)
     print(f"report written to {Path(args.out) / 'report.json'} "
           f"({report['timing']['pipeline_wall_s']:.0f} s)")
 
@@ -140,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--seed", type=int, default=None, help="master seed (shifts every stage)")
     pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set zoo.n_pmodels=40")
+    pp.add_argument("--address", default=None,
+                    help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    pp.add_argument("--num-workers", type=int, default=2,
+                    help="Ray Train workers of the zoo and generator runs")
+    pp.add_argument("--no-ray", action="store_true",
+                    help="train every stage in this process instead of as Ray Train runs")
     pp.set_defaults(fn=_pipeline)
     pg = sub.add_parser("generate", help="generate a classifier for the named classes")
     pg.add_argument("--checkpoint", required=True, help="generator directory (tina.json)")

@@ -132,6 +132,14 @@ class TrainConfig:
     augment: bool = True  # classifier augmentation: shuffle the prompt, permute head rows
     seed: int = 0
     threads: int = 2  # torch intra-op threads for this process
+    # resumable training state (weights, EMA, optimizer, step, RNG, loss history) every N steps,
+    # handed to the checkpoint hook (jobs/train_dit.py: a Ray Train checkpoint); 0: at the end only
+    checkpoint_every: int = 0
+    # score generated models (raw and EMA weights) on `val` every N steps, at checkpoint steps
+    # only (a multiple of checkpoint_every); 0: at the end only. The best becomes the checkpoint
+    val_every: int = 0
+    val_tasks: int = 4  # the first N val tasks are scored (one seed, eval.seeds[0])
+    val_sample_steps: int = 10  # DDIM steps of the in-training val scoring
 
 
 @dataclass

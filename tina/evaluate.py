@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tina.baselines import nearest_name_rows, ridge_rows, vote_names
 from tina.config import PipelineConfig
-from tina.data import to_float
+from tina.data import ImageSet, to_float
 from tina.evaluator import (
     EvalContext,
     Evaluator,
@@ -32,11 +32,13 @@ from tina.evaluator import (
     derived_seed,
     mean_score,
 )
+from tina.generate import Generator, prompt_seed
 from tina.image_prompts import encode_prompt_images
+from tina.scoring import accuracy, logits_of
 from tina.tasks import Task, max_overlap, sample_prompt_images
 
-__all__ = ["EvalContext", "METHODS", "bootstrap_ci", "evaluate", "paired", "select_on_val",
-           "summarize", "time_generation"]
+__all__ = ["EvalContext", "METHODS", "bootstrap_ci", "evaluate", "paired", "score_on_val",
+           "select_on_val", "summarize", "time_generation"]
 
 METHODS = ("tina", "finetuned", "generic", "retrieval", "ridge", "nearest_name",
            "classify_then_text", "unconditional")
@@ -98,6 +100,38 @@ def _val_tina(ev: Evaluator, opts: dict) -> float:
     ev.sample(prompts, opts, "val sampling")
     return statistics.fmean(ev.score("val", t, [p.key])[0].acc
                             for t, p in zip(tasks, prompts, strict=True))
+
+
+@torch.no_grad()
+def score_on_val(gen: Generator, tasks: list[Task], val: ImageSet, steps: int, seed: int,
+                 guidance: float = 1.0) -> dict[str, float]:
+    """Mean accuracy on `val` of models generated for `tasks` with the raw and the EMA weights.
+
+    The light check a training run makes at its checkpoints (jobs/train_dit.py): class tokens
+    are the checkpoint's own label-space embeddings (the text encoder's embeddings of the class
+    names, so no encoder is loaded), DDIM with `steps` steps, one seed per prompt as in
+    `select_on_val` (prompt_seed(seed, names)).
+    Args:
+        tasks: ordered label-space class ids; val: label-space ImageSet (`val` split only).
+    Returns:
+        {"raw": acc, "ema": acc}, fractions in [0, 1] averaged over tasks.
+    """
+    emb = gen.parts.class_emb
+    c = gen.embedding_conditioning([emb[list(t)] for t in tasks],
+                                   [[i if bool(gen.parts.has_row[i]) else -1 for i in t]
+                                    for t in tasks])
+    seeds = [prompt_seed(seed, [val.classes[i] for i in t]) for t in tasks]
+    out = {}
+    for name, use_ema in (("raw", False), ("ema", True)):
+        flats = gen.sample(c, seeds, sampler="ddim", steps=steps, guidance=guidance,
+                           use_ema=use_ema)
+        accs = []
+        for t, flat in zip(tasks, flats, strict=True):
+            v = val.task(t)
+            accs.append(float(accuracy(logits_of(gen.to_module(flat, len(t)), v.images),
+                                       v.labels)))
+        out[name] = statistics.fmean(accs)
+    return out
 
 
 def select_on_val(ctx: EvalContext, progress: bool = True) -> dict:

@@ -14,6 +14,8 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from tina.generate import Generator
 from tina.image_prompts import ImagePromptEncoder, train_devise
 from tina.report import write_report
 from tina.tasks import LabelSpace, Splits, make_splits
-from tina.train import train_generator
+from tina.train import GeneratorInputs, train_generator
 from tina.zoo import ZooStore, build_zoo, finetune_pmodel, train_generic
 
 
@@ -65,7 +67,8 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _save_model(model: SmallCNN, path: Path, meta: dict) -> None:
+def save_model(model: SmallCNN, path: Path, meta: dict) -> None:
+    """A classifier as path (safetensors state_dict) + path.with_suffix('.json') (meta)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
@@ -82,12 +85,13 @@ def stage_generic(cfg: PipelineConfig, out: Path, train: ImageSet, val: ImageSet
     else:
         model, meta = train_generic(cfg.arch.name, train, val, space.seen_ids, cfg.generic)
         meta |= {"arch": cfg.arch.name, "classes": space.classes}
-        _save_model(model, path, meta)
+        save_model(model, path, meta)
     return model.eval(), torch.tensor(meta["has_row"])
 
 
 def stage_zoo(cfg: PipelineConfig, out: Path, splits: Splits, generic: SmallCNN,
               train: ImageSet, val: ImageSet) -> tuple[list, torch.Tensor]:
+    """Build (or finish) the zoo in this process; returns its entries and (M, P) parameters."""
     store = ZooStore(out / "zoo")
     build_zoo(store, splits.zoo, generic, cfg.arch.name, train, val, cfg.zoo, cfg.data.dataset,
               head_only=cfg.arch.head_only)
@@ -121,19 +125,16 @@ def stage_image_encoder(cfg: PipelineConfig, out: Path, encoder: PromptEncoder,
     return enc
 
 
-def stage_generator(cfg: PipelineConfig, out: Path, space: LabelSpace, generic: SmallCNN,
-                    has_row: torch.Tensor, encoder: PromptEncoder, zoo_entries: list,
-                    zoo_flats: torch.Tensor, in_channels: int) -> tuple[Generator, dict]:
-    path = out / "generator"
-    if (path / "tina.json").is_file():
-        return Generator.from_checkpoint(path, encoder), json.loads(
-            (path / "train_history.json").read_text())
+def generator_inputs(cfg: PipelineConfig, space: LabelSpace, generic: SmallCNN,
+                     has_row: torch.Tensor, encoder: PromptEncoder, zoo_entries: list,
+                     zoo_flats: torch.Tensor, in_channels: int) -> GeneratorInputs:
+    """Everything the generator trains on: layouts, generic model, class embeddings, the zoo
+    (only its heads for a head-only generator), and the checkpoint's metadata."""
     template = build_model(cfg.arch.name, in_channels, cfg.zoo.k)
     names = ["fc.weight", "fc.bias"] if cfg.arch.head_only else None
     layout = ParamLayout(template, names)
     generic_layout = ParamLayout(generic)
     generic_flat = generic_layout.flatten({k: v.detach() for k, v in generic.named_parameters()})
-    class_emb = encoder.encode_text(space.classes)
     zoo_ids = torch.tensor([e.class_ids for e in zoo_entries])
     if cfg.arch.head_only:
         zoo_flats = zoo_flats[:, -layout.n_params:]  # the head is last in parameter order
@@ -147,8 +148,33 @@ def stage_generator(cfg: PipelineConfig, out: Path, space: LabelSpace, generic: 
         "preprocessing": PREPROCESSING, "n_zoo": len(zoo_entries),
         "git_commit": git_commit(), "config_sha256": cfg.sha256(), "config": cfg.to_dict(),
     }
-    gen, hist = train_generator(cfg, layout, generic_flat, generic_layout, has_row, class_emb,
-                                zoo_flats, zoo_ids, meta)
+    return GeneratorInputs(layout, generic_flat, generic_layout, has_row,
+                           encoder.encode_text(space.classes), zoo_flats, zoo_ids, meta)
+
+
+def train_here(cfg: PipelineConfig, inputs: GeneratorInputs,
+               splits: Splits | None) -> tuple[Generator, dict]:
+    """The plain-process generator trainer (no Ray): `train_generator` in this process."""
+    return train_generator(cfg, **vars(inputs))
+
+
+# (cfg, inputs, splits or None) -> (trained Generator, history); splits give the val tasks
+GeneratorTrainer = Callable[[PipelineConfig, GeneratorInputs, Splits | None],
+                            tuple[Generator, dict]]
+
+
+def stage_generator(cfg: PipelineConfig, out: Path, space: LabelSpace, generic: SmallCNN,
+                    has_row: torch.Tensor, encoder: PromptEncoder, zoo_entries: list,
+                    zoo_flats: torch.Tensor, in_channels: int, splits: Splits | None = None,
+                    trainer: GeneratorTrainer = train_here) -> tuple[Generator, dict]:
+    """Train (or load) the generator with `trainer` and save it in out/generator."""
+    path = out / "generator"
+    if (path / "tina.json").is_file():
+        return Generator.from_checkpoint(path, encoder), json.loads(
+            (path / "train_history.json").read_text())
+    inputs = generator_inputs(cfg, space, generic, has_row, encoder, zoo_entries, zoo_flats,
+                              in_channels)
+    gen, hist = trainer(cfg, inputs, splits)
     gen.encoder = encoder
     gen.save(path)
     (path / "train_history.json").write_text(json.dumps(hist))
@@ -166,8 +192,30 @@ def finetune_timing(cfg: PipelineConfig, generic: SmallCNN, train: ImageSet,
     return sorted(times)[len(times) // 2]
 
 
-def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dict:
-    """Run every stage and write report.json, report.md and plots under `out`; return the report."""
+@dataclass
+class Stages:
+    """The training stages, swappable: plain functions here, Ray Train runs in jobs/pipeline.py.
+
+    Signatures as `stage_generic`, `stage_zoo` and `train_here` (the generator's trainer).
+    """
+
+    generic: Callable[..., tuple[SmallCNN, torch.Tensor]] = stage_generic
+    zoo: Callable[..., tuple[list, torch.Tensor]] = stage_zoo
+    generator: GeneratorTrainer = train_here
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "",
+                 stages: Stages | None = None) -> dict:
+    """Run every stage and write report.json, report.md and plots under `out`; return the report.
+
+    `stages` chooses how the generic model, the zoo and the generator are trained (default: in
+    this process); everything else, and the report, is the same either way.
+    """
+    # The one place for run tracking (tina.tracking, MLflow): both `tina pipeline` paths run
+    # this function, so a run opened around its body, `timed` (per-stage seconds) and the
+    # finished `report` cover the plain and the Ray pipeline alike; per-step training metrics
+    # are what the Ray runs report (jobs.common.run_config is where their callbacks go).
+    stages = stages or Stages()
     # The generic model, the zoo and the image encoder run many tiny ops: one thread is nearly as
     # fast as two and does not collapse when another process shares the cores (two OpenMP threads
     # then wait on each other, measured 10-40x slower). The denoiser's matmuls get train.threads.
@@ -175,12 +223,12 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    t_start, stages = time.perf_counter(), {}
+    t_start, stage_s = time.perf_counter(), {}
 
     def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
-        stages[name] = round(time.perf_counter() - t0, 2)
+        stage_s[name] = round(time.perf_counter() - t0, 2)
         return result
 
     info = dataset_info(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
@@ -191,14 +239,14 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dic
     splits = make_splits(space, cfg.data.forbidden_pairs, cfg.zoo.k, cfg.zoo.n_pmodels, cfg.eval,
                          cfg.seed)
     (out / "splits.json").write_text(json.dumps(splits.to_json()))
-    generic, has_row = timed("generic", stage_generic, cfg, out, train, val, space)
-    zoo_entries, zoo_flats = timed("zoo", stage_zoo, cfg, out, splits, generic, train, val)
+    generic, has_row = timed("generic", stages.generic, cfg, out, train, val, space)
+    zoo_entries, zoo_flats = timed("zoo", stages.zoo, cfg, out, splits, generic, train, val)
     encoder = timed("encoder", build_encoder, cfg.encoder)
     image_encoder = timed("image_encoder", stage_image_encoder, cfg, out, encoder, generic,
                           has_row, train, space)
     torch.set_num_threads(cfg.train.threads)
     gen, hist = timed("generator", stage_generator, cfg, out, space, generic, has_row, encoder,
-                      zoo_entries, zoo_flats, info.in_channels)
+                      zoo_entries, zoo_flats, info.in_channels, splits, stages.generator)
     torch.set_num_threads(1)
     ctx = EvalContext(cfg=cfg, generator=gen, generic=generic, has_row=has_row,
                       zoo_entries=zoo_entries, zoo_flats=zoo_flats, train=train, val=val,
@@ -226,7 +274,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "") -> dic
                       "final_loss": sum(hist["loss"][-50:]) / max(1, len(hist["loss"][-50:]))},
         "splits": split_results,
         "timing": {"generate_s_per_model": gen_timing, "finetune_s_per_model": ft_s,
-                   "stages_s": stages, "pipeline_wall_s": round(time.perf_counter() - t_start, 2)},
+                   "stages_s": stage_s, "pipeline_wall_s": round(time.perf_counter() - t_start, 2)},
     }
     write_report(report, out)
     return report

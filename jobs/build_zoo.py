@@ -1,0 +1,153 @@
+"""The p-model zoo as a Ray Train run: zoo tasks sharded over workers by world rank.
+
+    python -m jobs.build_zoo --config configs/demo.yaml --out runs/demo --num-workers 2
+
+Worker r fine-tunes tasks i with i % world_size == r (`tina.zoo.build_zoo`) and writes its own
+p-model files and its own manifest shard `manifest-rank<r>.jsonl`, so no two writers share a
+file; the driver merges the shards into manifest.jsonl after the run. A re-submitted job skips
+finished p-models. Needs <out>/generic (jobs.train_generic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from jobs.common import (
+    RayOptions,
+    add_args,
+    config,
+    init_ray,
+    options,
+    run_config,
+    run_name,
+    scaling,
+    worker_config,
+    worker_threads,
+)
+from tina.backbones import SmallCNN, build_model
+from tina.config import PipelineConfig, from_dict
+from tina.data import ImageSet, dataset_info, load_split
+from tina.errors import TinaError
+from tina.tasks import LabelSpace, Splits, Task, make_splits
+from tina.zoo import ZooEntry, ZooStore, build_zoo
+
+REPORTS = 10  # progress reports per run (the same on every worker: report is a collective)
+
+
+def _train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = from_dict(config["cfg"])
+    worker_threads(config["cpus"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    load = dict(root=cfg.data.root, download=False, image_size=cfg.data.image_size)
+    train, val = (load_split(cfg.data.dataset, s, **load) for s in ("train", "val"))
+    generic = build_model(cfg.arch.name, train.images.shape[1], len(train.classes))
+    generic.load_state_dict(config["generic"])
+    generic.eval()
+    tasks = [tuple(t) for t in config["tasks"]]
+    store = ZooStore(config["zoo_dir"])
+    mine = list(range(rank, len(tasks), world))
+    per_rank = math.ceil(len(tasks) / world)
+    chunk = max(1, math.ceil(per_rank / REPORTS))
+    counts = torch.zeros(2, dtype=torch.float64, device=ray.train.torch.get_device())
+    t0 = time.perf_counter()
+    for c in range(math.ceil(per_rank / chunk)):
+        idx = mine[c * chunk:(c + 1) * chunk]
+        new = build_zoo(store, tasks, generic, cfg.arch.name, train, val, cfg.zoo,
+                        cfg.data.dataset, indices=idx, writer=f"rank{rank}",
+                        head_only=cfg.arch.head_only, progress=False)
+        step = torch.tensor([len(new), len(idx) - len(new)], dtype=torch.float64,
+                            device=counts.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(step)  # every worker's counts, so the kept (rank 0) metrics are global
+        counts += step
+        elapsed = time.perf_counter() - t0
+        ray.train.report({"chunk": c + 1, "written": int(counts[0]), "skipped": int(counts[1]),
+                          "pmodels_per_s": float(counts[0]) / max(elapsed, 1e-9),
+                          "elapsed_s": elapsed})
+
+
+def zoo_trainer(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: list[Task],
+                opts: RayOptions, name: str | None = None):
+    """A TorchTrainer of opts.num_workers workers that fine-tunes `tasks` into <out>/zoo."""
+    from ray.train.torch import TorchTrainer
+
+    state = {k: v.detach().cpu() for k, v in generic.state_dict().items()}
+    loop_cfg = {"cfg": worker_config(cfg), "cpus": opts.cpus_per_worker, "generic": state,
+                "tasks": [list(t) for t in tasks],
+                "zoo_dir": str((Path(out) / "zoo").resolve())}
+    return TorchTrainer(_train_loop, train_loop_config=loop_cfg, scaling_config=scaling(opts),
+                        run_config=run_config(opts, out, name or run_name("zoo")))
+
+
+def run_build_zoo(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: list[Task],
+                  opts: RayOptions, name: str | None = None) -> dict:
+    """Build (or finish) the zoo on Ray and merge its manifest.
+
+    Returns:
+        {"written", "skipped" (p-models found finished), "run_s" (wall seconds, worker start-up
+        included), "ray_run" (the run's storage path)}. Per-chunk progress and throughput went
+        through ray.train.report (Result.metrics stays empty: those reports carry no checkpoint).
+    """
+    init_ray(opts)
+    store = ZooStore(Path(out) / "zoo")  # creates the folder before the workers race to
+    before = {e.id for e in store.entries()}
+    t0 = time.perf_counter()
+    result = zoo_trainer(cfg, out, generic, tasks, opts, name).fit()
+    run_s = time.perf_counter() - t0
+    store.merge()
+    ids = {f"pm-{i:05d}" for i in range(len(tasks))}
+    return {"written": len(ids & {e.id for e in store.entries()} - before),
+            "skipped": len(ids & before), "run_s": run_s, "ray_run": result.path}
+
+
+def stage_zoo_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, splits: Splits,
+                  generic: SmallCNN, train: ImageSet,
+                  val: ImageSet) -> tuple[list[ZooEntry], torch.Tensor]:
+    """`tina.pipeline.stage_zoo` with the fine-tuning as a Ray Train run (none when the store
+    already holds every task's p-model, as on a pipeline re-run)."""
+    store = ZooStore(out / "zoo")
+    if {e.id for e in store.entries()} >= {f"pm-{i:05d}" for i in range(len(splits.zoo))}:
+        store.merge()
+    else:
+        run_build_zoo(cfg, out, generic, splits.zoo, opts)
+    return store.load()
+
+
+def load_generic(cfg: PipelineConfig, out: str | Path) -> SmallCNN:
+    """<out>/generic/model.safetensors as a module. Raises TinaError when it is missing."""
+    path = Path(out) / "generic" / "model.safetensors"
+    if not path.is_file():
+        raise TinaError(f"{path} not found: run `python -m jobs.train_generic` with the same "
+                        "--config and --out first")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    info = dataset_info(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
+    model = build_model(cfg.arch.name, info.in_channels, len(meta["classes"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = add_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
+    cfg = config(args)
+    generic = load_generic(cfg, args.out)
+    info = dataset_info(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
+    splits = make_splits(LabelSpace(info.classes, cfg.data.held_out), cfg.data.forbidden_pairs,
+                         cfg.zoo.k, cfg.zoo.n_pmodels, cfg.eval, cfg.seed)
+    metrics = run_build_zoo(cfg, args.out, generic, splits.zoo, options(args))
+    print(f"zoo in {Path(args.out) / 'zoo'}: {metrics}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The Ray jobs (jobs/) on the shared local Ray cluster, 2 workers per run, on tests/tiny.yaml and
+the real data: the pipeline as Ray Train runs, the sharded zoo, DDP generator training with
+checkpoints, resume from a given checkpoint, and a worker killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.build_zoo import load_generic, run_build_zoo
+from jobs.common import RayOptions
+from jobs.pipeline import run_ray_pipeline
+from jobs.train_dit import VAL_FILE, dit_trainer
+from tina.config import load_config
+from tina.encoders import build_encoder
+from tina.generate import load_generator
+from tina.pipeline import generator_inputs
+from tina.tasks import LabelSpace, Splits
+from tina.zoo import ZooStore
+
+TINY = Path(__file__).parent / "tiny.yaml"
+# the generator run keeps checkpoints at steps 6, 12, 18, 24 and scores val at 12 and 24
+# ray.train.report blocks until the Train controller polls the worker (a queue of one result),
+# and the controller polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): the tiny
+# runs here report every few steps, so they poll faster (the driver's value reaches the
+# controller at fit time)
+POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+RAY_SET = ["train.steps=24", "train.checkpoint_every=6", "train.val_every=12",
+           "train.val_tasks=2", "train.val_sample_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """tests/tiny.yaml through jobs.pipeline (generic: 1 worker; zoo, generator: 2 workers)."""
+    out = tmp_path_factory.mktemp("ray_pipeline")
+    cfg = load_config(TINY, RAY_SET)
+    opts = RayOptions(address=ray_cluster["address"], num_workers=2,
+                      storage_path=str(out / "ray"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(*POLL)
+        report = run_ray_pipeline(cfg, out, opts, command="pytest ray pipeline")
+    return {"out": out, "cfg": cfg, "opts": opts, "report": report}
+
+
+def _checkpoints(run_dir: Path) -> list[dict]:
+    """val.json of every checkpoint of a train_dit run, with its path, sorted by step."""
+    found = [json.loads((d / VAL_FILE).read_text()) | {"path": d}
+             for d in run_dir.glob("checkpoint_*") if (d / VAL_FILE).is_file()]
+    return sorted(found, key=lambda c: (c["start_step"], c["step"]))
+
+
+def _registered(run_dir: Path) -> int:
+    """Checkpoints Ray Train's controller has registered for a run (its snapshot file)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    try:
+        snapshot = json.loads((run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0
+    return len(snapshot["checkpoint_results"])
+
+
+def test_ray_pipeline_writes_the_report_of_the_plain_pipeline(ray_run: dict,
+                                                              tiny_run: Path) -> None:
+    plain = json.loads((tiny_run / "report.json").read_text())
+    report = json.loads((ray_run["out"] / "report.json").read_text())
+    assert set(report) == set(plain)
+    assert set(report["splits"]) == set(plain["splits"])
+    assert set(report["timing"]["stages_s"]) == set(plain["timing"]["stages_s"])
+    assert report["n_zoo"] == 12 and report["command"] == "pytest ray pipeline"
+    assert 0.0 <= report["splits"]["ood"]["tina"]["mean"] <= 1.0
+
+
+def test_zoo_workers_write_one_manifest_shard_each_merged_into_every_task_once(
+        ray_run: dict) -> None:
+    zoo = ray_run["out"] / "zoo"
+    shards = sorted(p.name for p in zoo.glob("manifest-*.jsonl"))
+    assert shards == ["manifest-rank0.jsonl", "manifest-rank1.jsonl"]
+    for rank in (0, 1):  # task i went to rank i % 2
+        ids = [json.loads(line)["id"] for line in
+               (zoo / f"manifest-rank{rank}.jsonl").read_text().splitlines()]
+        assert ids and all(int(i[3:]) % 2 == rank for i in ids)
+    merged = [json.loads(line)["id"] for line in (zoo / "manifest.jsonl").read_text().splitlines()]
+    assert merged == [f"pm-{i:05d}" for i in range(12)]
+    flat = load_file(str(zoo / "params" / "pm-00003.safetensors"))["params"]
+    assert flat.shape == (414,) and bool(torch.isfinite(flat).all())
+
+
+def test_a_resubmitted_zoo_job_skips_every_finished_pmodel(ray_run: dict) -> None:
+    out, cfg = ray_run["out"], ray_run["cfg"]
+    params = sorted((out / "zoo" / "params").iterdir())
+    before = [p.stat().st_mtime_ns for p in params]
+    splits = Splits.from_json(json.loads((out / "splits.json").read_text()))
+    summary = run_build_zoo(cfg, out, load_generic(cfg, out), splits.zoo, ray_run["opts"])
+    assert summary["written"] == 0 and summary["skipped"] == 12
+    assert [p.stat().st_mtime_ns for p in params] == before
+    assert len((out / "zoo" / "manifest.jsonl").read_text().splitlines()) == 12
+
+
+def test_the_generator_job_writes_its_best_val_checkpoint_in_the_generator_format(
+        ray_run: dict) -> None:
+    out = ray_run["out"]
+    gen = load_generator(out / "generator")
+    model = gen.generate([["Trouser", "digit 5", "Bag"]], [0])[0]
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 3)
+    hist = json.loads((out / "generator" / "train_history.json").read_text())
+    assert len(hist["loss"]) == 24
+    val = hist["val"]
+    assert [h["step"] for h in val["history"]] == [12, 24]
+    best = max(val["history"], key=lambda h: max(h["raw"], h["ema"]))
+    assert val["step"] == best["step"] and val["score"] == max(best["raw"], best["ema"])
+    ckpts = _checkpoints(Path(hist["ray_run"]))
+    assert [c["step"] for c in ckpts] == [6, 12, 18, 24]
+    # the weights written are those of the best val step
+    best_dir = next(c["path"] for c in ckpts if c["step"] == val["step"]) / "best"
+    assert load_file(str(best_dir / "tina.safetensors")).keys() == load_file(
+        str(out / "generator" / "tina.safetensors")).keys()
+    for k, v in load_file(str(best_dir / "tina.safetensors")).items():
+        assert torch.equal(v, load_file(str(out / "generator" / "tina.safetensors"))[k]), k
+
+
+def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
+        ray_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start from the pipeline run's step-6 checkpoint (a given checkpoint: the run begins at
+    step 6), kill rank 1 with SIGKILL after this run's 2nd reported checkpoint; the second
+    attempt must resume at the step after the latest reported checkpoint and end at
+    train.steps."""
+    out = ray_run["out"]
+    steps, every = 150, 10
+    cfg = load_config(TINY, RAY_SET + [f"train.steps={steps}", f"train.checkpoint_every={every}",
+                                       "train.val_every=0"])
+    hist = json.loads((out / "generator" / "train_history.json").read_text())
+    given = next(c for c in _checkpoints(Path(hist["ray_run"])) if c["step"] == 6)
+    splits = Splits.from_json(json.loads((out / "splits.json").read_text()))
+    generic = load_generic(cfg, out)
+    has_row = torch.tensor(json.loads((out / "generic" / "model.json").read_text())["has_row"])
+    entries, flats = ZooStore(out / "zoo").load()
+    space = LabelSpace(json.loads((out / "generic" / "model.json").read_text())["classes"],
+                       cfg.data.held_out)
+    inputs = generator_inputs(cfg, space, generic, has_row, build_encoder(cfg.encoder), entries,
+                              flats, 1)
+    pids = tmp_path / "pids"
+    monkeypatch.setenv(*POLL)
+    opts = RayOptions(address=ray_run["opts"].address, num_workers=2, max_failures=1,
+                      storage_path=str(tmp_path / "ray"), pid_dir=str(pids))
+    trainer = dit_trainer(cfg, inputs, splits, tmp_path, opts, name="kill-test",
+                          resume_from=str(given["path"]))
+    results: list = []
+    fit = threading.Thread(target=lambda: results.append(trainer.fit()))
+    fit.start()
+    run_dir = tmp_path / "ray" / "kill-test"
+    # Kill once the controller has registered 2 checkpoints: results the workers reported but
+    # the controller has not polled yet die with the worker group.
+    deadline = time.monotonic() + 180
+    while _registered(run_dir) < 2 and fit.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = json.loads((pids / "rank1.json").read_text())["pid"]
+    os.kill(killed, signal.SIGKILL)
+    fit.join(timeout=240)
+    assert not fit.is_alive() and results, "the run did not finish"
+    # what Ray Train registered as reported checkpoints, with their metrics
+    reported = sorted((m["start_step"], m["step"]) for _, m in results[0].best_checkpoints)
+    first = [step for start, step in reported if start == 6]  # began at the given checkpoint
+    second = [(start, step) for start, step in reported if start > 6]
+    assert len(first) >= 2 and all(step % every == 0 for step in first)
+    assert second, "no second attempt: the kill came after the run had ended"
+    latest = max(first)
+    assert {start for start, _ in second} == {latest}  # resumed at the step after it
+    assert min(step for _, step in second) == latest + every
+    assert max(step for _, step in second) == steps
+    assert results[0].metrics["step"] == steps and results[0].metrics["start_step"] == latest
+    assert json.loads((pids / "rank1.json").read_text())["pid"] != killed
