@@ -33,17 +33,17 @@ def ray_stages(opts: RayOptions, out: str | Path) -> Stages:
 
 
 def run_ray_pipeline(cfg: PipelineConfig, out: str | Path, opts: RayOptions,
-                     command: str = "") -> dict:
+                     command: str = "", config_path: str | Path | None = None) -> dict:
     """Join or start Ray, run every stage (training on Ray) and write report.json, report.md and
     plots under `out`; return the report (the schema of `tina.pipeline.run_pipeline`)."""
     init_ray(opts)
-    return run_pipeline(cfg, out, command, stages=ray_stages(opts, out))
+    return run_pipeline(cfg, out, command, stages=ray_stages(opts, out), config_path=config_path)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = add_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
     command = "python -m jobs.pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = run_ray_pipeline(config(args), args.out, options(args), command)
+    report = run_ray_pipeline(config(args), args.out, options(args), command, args.config)
     print(f"report written to {Path(args.out) / 'report.json'} "
           f"({report['timing']['pipeline_wall_s']:.0f} s)")
 

@@ -46,7 +46,8 @@ def ray_run(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
                       storage_path=str(out / "ray"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(*POLL)
-        report = run_ray_pipeline(cfg, out, opts, command="pytest ray pipeline")
+        report = run_ray_pipeline(cfg, out, opts, command="pytest ray pipeline",
+                                  config_path=TINY)
     return {"out": out, "cfg": cfg, "opts": opts, "report": report}
 
 
@@ -178,3 +179,34 @@ def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
     assert max(step for _, step in second) == steps
     assert results[0].metrics["step"] == steps and results[0].metrics["start_step"] == latest
     assert json.loads((pids / "rank1.json").read_text())["pid"] != killed
+
+
+def test_the_ray_pipeline_is_recorded_in_mlflow_with_a_registered_generator(ray_run: dict
+                                                                            ) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]  # the session's private store (conftest)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")  # named after the config file
+    runs = client.search_runs([exp.experiment_id],
+                              f"attributes.run_name = '{ray_run['out'].name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["train.steps"] == "24" and run.data.params["zoo.k"] == "10"
+    loss = client.get_metric_history(run.info.run_id, "generator.loss")
+    assert [m.step for m in loss] == list(range(24))
+    assert len(client.get_metric_history(run.info.run_id, "generator.val.raw")) == 2
+    assert "acc.ood.tina" in run.data.metrics
+    art = {a.path for folder in ("generator", "report", "zoo")
+           for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"generator/tina.safetensors", "generator/tina.json", "report/report.json",
+            "zoo/manifest.jsonl"} <= art
+    (version,) = client.search_model_versions("name = 'tina-tiny'")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/tina-tiny/{version.version}")
+    (out,) = model.predict([{"classes": ["Sandal", "digit 3"], "seed": 7}])
+    gen = load_generator(ray_run["out"] / "generator")
+    want = gen.generate([["Sandal", "digit 3"]], [7])[0]
+    got = torch.tensor(out["params"] if isinstance(out, dict) else out.params)
+    assert torch.equal(got, torch.cat([v.reshape(-1) for v in want.state_dict().values()]))

@@ -29,13 +29,13 @@ def _pipeline(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set, args.seed)
     command = "tina " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.no_ray:
-        report = run_pipeline(cfg, args.out, command)
+        report = run_pipeline(cfg, args.out, command, config_path=args.config)
     else:  # the training stages as Ray Train runs, on --address or a local cluster (jobs/)
         from jobs.common import RayOptions
         from jobs.pipeline import run_ray_pipeline
 
         opts = RayOptions(address=args.address, num_workers=args.num_workers)
-        report = run_ray_pipeline(cfg, args.out, opts, command)
+        report = run_ray_pipeline(cfg, args.out, opts, command, config_path=args.config)
     print(f"report written to {Path(args.out) / 'report.json'} "
           f"({report['timing']['pipeline_wall_s']:.0f} s)")
 

@@ -31,6 +31,7 @@ from tina.generate import Generator
 from tina.image_prompts import ImagePromptEncoder, train_devise
 from tina.report import write_report
 from tina.tasks import LabelSpace, Splits, make_splits
+from tina.tracking import PipelineRun
 from tina.train import GeneratorInputs, train_generator
 from tina.zoo import ZooStore, build_zoo, finetune_pmodel, train_generic
 
@@ -205,22 +206,32 @@ class Stages:
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "",
-                 stages: Stages | None = None) -> dict:
+                 stages: Stages | None = None, config_path: str | Path | None = None) -> dict:
     """Run every stage and write report.json, report.md and plots under `out`; return the report.
 
     `stages` chooses how the generic model, the zoo and the generator are trained (default: in
-    this process); everything else, and the report, is the same either way.
+    this process); everything else, and the report, is the same either way. The run is recorded
+    in MLflow (tina.tracking; the config's `tracking:` section, experiment named after
+    `config_path`'s stem): params, the generator's per-step loss (and val scores when the
+    trainer reports them), the report's numbers, the artifacts, and the generator registered in
+    the Model Registry. Only this driver process writes to MLflow.
     """
-    # The one place for run tracking (tina.tracking, MLflow): both `tina pipeline` paths run
-    # this function, so a run opened around its body, `timed` (per-stage seconds) and the
-    # finished `report` cover the plain and the Ray pipeline alike; per-step training metrics
-    # are what the Ray runs report (jobs.common.run_config is where their callbacks go).
-    stages = stages or Stages()
+    with PipelineRun.from_config(cfg, config_path=config_path, run_name=Path(out).name,
+                                 tags={"command": command}) as track:
+        track.log_config(cfg)
+        report = _run_stages(cfg, Path(out), command, stages or Stages(), track)
+        track.log_report(report)
+        track.log_outputs(out)
+        track.register_generator(Path(out) / "generator")
+    return report
+
+
+def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
+                track: PipelineRun) -> dict:
     # The generic model, the zoo and the image encoder run many tiny ops: one thread is nearly as
     # fast as two and does not collapse when another process shares the cores (two OpenMP threads
     # then wait on each other, measured 10-40x slower). The denoiser's matmuls get train.threads.
     torch.set_num_threads(1)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     t_start, stage_s = time.perf_counter(), {}
@@ -248,6 +259,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, command: str = "",
     gen, hist = timed("generator", stage_generator, cfg, out, space, generic, has_row, encoder,
                       zoo_entries, zoo_flats, info.in_channels, splits, stages.generator)
     torch.set_num_threads(1)
+    track.log_series("generator.loss", hist["loss"])
+    track.log_history(hist.get("val", {}).get("history", []), prefix="generator.val")
     ctx = EvalContext(cfg=cfg, generator=gen, generic=generic, has_row=has_row,
                       zoo_entries=zoo_entries, zoo_flats=zoo_flats, train=train, val=val,
                       test=test, encoder=encoder, image_encoder=image_encoder, splits=splits)
