@@ -101,13 +101,19 @@ def get_experiment(client: MlflowClient, name: str, artifact_root: str | None) -
 @contextlib.contextmanager
 def using_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI set to `uri` inside the block and restored after (the model
-    logging API reads the global one)."""
+    logging API reads the global one). MLflow 3's setter also exports MLFLOW_TRACKING_URI, which
+    `resolve_store` reads: the variable is restored exactly too, or a later run would follow it."""
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(before)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 # ---------------------------------------------------------------------- what is logged
