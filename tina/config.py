@@ -267,3 +267,67 @@ def shift_seed(cfg: PipelineConfig, seed: int) -> None:
     cfg.zoo.seed = seed
     cfg.train.seed = seed
     cfg.eval.seed = seed
+
+
+@dataclass
+class ServeConfig:
+    """Settings of the Ray Serve application (`tina.serve.build_app`, `tina serve`)."""
+
+    checkpoint: str = ""  # generator directory (tina.json + tina.safetensors); required
+    # DeViSE image-prompt encoder directory; None: <checkpoint>/../image_encoder when it exists
+    image_encoder: str | None = None
+    # --- batching: concurrent requests become one sampler call (@serve.batch)
+    max_batch_size: int = 16  # 1 turns batching off (the bench's "unbatched")
+    batch_wait_timeout_s: float = 0.05  # wait this long for a batch to fill after its first item
+    # --- generator replicas
+    autoscaling: bool = True  # False: a fixed num_replicas
+    num_replicas: int = 1  # replicas when autoscaling is off
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0  # per replica; the autoscaler's set point
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0  # Serve's default is 600 s
+    num_cpus: float = 0.5  # per generator replica (fractional: a 2-CPU machine fits several)
+    num_gpus: float = 0.0  # per generator replica
+    threads: int = 1  # torch intra-op threads per generator replica
+    # per replica; None: 2 x max_batch_size (Serve's default of 5 would cap the batch size)
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 64  # per caller, waiting for a generator; beyond -> 503
+    retry_after_s: int = 1  # the Retry-After header of a 503 for overload
+    ingress_num_cpus: float = 0.25
+    ingress_num_replicas: int = 1
+    ingress_max_ongoing_requests: int = 256  # per ingress replica (Serve's default is 5)
+    # --- limits
+    request_timeout_s: float = 60.0  # a request still unanswered after this gets a 504
+    cache_size: int = 256  # generated models kept per generator replica (LRU)
+    max_body_bytes: int = 8 * 2**20  # whole request body
+    max_images: int = 64  # images per /v1/classify request
+    max_examples_per_class: int = 16  # example images per class of an image prompt
+    max_image_bytes: int = 2 * 2**20  # one decoded image file
+    max_image_pixels: int = 4096 * 4096  # width x height of one image (decompression bombs)
+
+    def replica_max_ongoing(self) -> int:
+        """max_ongoing_requests of a generator replica (at least max_batch_size)."""
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+
+def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """ServeConfig from `serve run tina.serve:build_app key=value ...` or serve_config.yaml args.
+
+    Values may be strings (the `serve run` command line): they are parsed as YAML scalars.
+    Raises:
+        ConfigError: unknown key, mistyped value, or no checkpoint.
+    """
+    types = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
+    parsed = {k: (yaml.safe_load(v) if isinstance(v, str) and types.get(k) not in
+                  ("str", "str | None") else v) for k, v in (args or {}).items()}
+    cfg = _from_dict(ServeConfig, parsed, "serve.")
+    if not cfg.checkpoint:
+        raise ConfigError("serve.checkpoint: required; pass the generator directory, e.g. "
+                          "checkpoint=runs/demo/generator")
+    if cfg.max_batch_size < 1 or cfg.batch_wait_timeout_s < 0:
+        raise ConfigError("serve.max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+    if cfg.replica_max_ongoing() < cfg.max_batch_size:
+        raise ConfigError(f"serve.max_ongoing_requests {cfg.max_ongoing_requests} < "
+                          f"max_batch_size {cfg.max_batch_size}: batches could never fill")
+    return cfg
