@@ -1,7 +1,10 @@
-"""`tina` command line: pipeline, generate.
+"""`tina` command line: pipeline, generate, serve, request.
 
     tina pipeline --config configs/demo.yaml --out runs/demo [--seed 1] [--set train.steps=500]
     tina generate --checkpoint runs/demo/generator --class sneaker --class "T-shirt/top" --out m/
+    tina serve --checkpoint runs/demo/generator [--port 8000] [--set max_batch_size=16]
+    tina request --url http://127.0.0.1:8000 --classes "sneaker,bag" --out model.safetensors
+    tina request --url http://127.0.0.1:8000 --classes "sneaker,bag" --classify photo.png
 """
 
 from __future__ import annotations
@@ -64,6 +67,64 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'model.safetensors'} ({info['n_params']} parameters, classes {names})")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import time
+
+    import ray
+    from ray import serve
+
+    from tina.errors import ConfigError
+    from tina.serve import build_app
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value (a ServeConfig field)")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    app = build_app({**overrides, "checkpoint": args.checkpoint})  # checks before Ray starts
+    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, route_prefix="/")
+        print(f"serving {args.checkpoint} at http://{args.host}:{args.port} "
+              "(docs at /docs; Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _request(args: argparse.Namespace) -> None:
+    from tina.client import TinaClient
+
+    classes = [c.strip() for c in (args.classes or "").split(",") if c.strip()] + args.cls
+    if not classes:
+        raise TinaError("give the prompt: --classes \"a,b,c\" or --class NAME (repeated)")
+    client = TinaClient(args.url, timeout_s=args.timeout)
+    opts = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    if args.classify:
+        res = client.classify(args.classify, classes=classes, **opts)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        for path, p in zip(args.classify, res["predictions"], strict=True):
+            print(f"{path}: {p['label']} ({max(p['probabilities']):.3f})")
+        return
+    model = client.generate(classes, **opts)
+    if args.json:
+        print(json.dumps(model.metadata, indent=2))
+    if args.out:
+        path = model.save(args.out)
+        print(f"wrote {path} and {path.with_suffix('.json')} (model {model.model_id}, "
+              f"classes {model.classes})")
+    elif not args.json:
+        print(f"model {model.model_id}: classes {model.classes}, "
+              f"{model.metadata['n_params']} parameters (--out FILE saves it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tina", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--steps", type=int, default=None)
     pg.add_argument("--guidance", type=float, default=None)
     pg.set_defaults(fn=_generate)
+    ps = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (Ctrl-C stops)")
+    ps.add_argument("--checkpoint", required=True, help="generator directory (tina.json)")
+    ps.add_argument("--host", default="127.0.0.1")
+    ps.add_argument("--port", type=int, default=8000)
+    ps.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
+    ps.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local cluster")
+    ps.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a tina.config.ServeConfig field, e.g. --set max_batch_size=8")
+    ps.set_defaults(fn=_serve)
+    pr = sub.add_parser("request", help="ask a running endpoint for a model or predictions")
+    pr.add_argument("--url", default="http://127.0.0.1:8000")
+    pr.add_argument("--classes", default=None, help='comma-separated class names, "a,b,c"')
+    pr.add_argument("--class", dest="cls", action="append", default=[],
+                    help="one class name or description (repeat; after --classes)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    pr.add_argument("--steps", type=int, default=None)
+    pr.add_argument("--guidance", type=float, default=None)
+    pr.add_argument("--out", default=None, help="write the model here (.safetensors + .json)")
+    pr.add_argument("--classify", nargs="+", default=None, metavar="IMAGE",
+                    help="PNG/JPEG files to classify with the prompt's model")
+    pr.add_argument("--json", action="store_true", help="print the JSON answer")
+    pr.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    pr.set_defaults(fn=_request)
     return p
 
 

@@ -13,7 +13,6 @@ and scale with `autoscaling_config`. A prompt's noise depends only on (seed, pro
 Settings: tina.config.ServeConfig. Routes: see `Ingress` and the OpenAPI page at /docs.
 """
 
-from __future__ import annotations
 
 import asyncio
 import dataclasses
@@ -53,7 +52,7 @@ from tina.api import (
     validation_error,
 )
 from tina.config import ServeConfig, serve_config_from_args
-from tina.errors import CheckpointError, PromptError
+from tina.errors import CheckpointError
 from tina.serve_generator import WEIGHTS, Generator, checkpoint_id
 from tina.web import router as web_router
 
@@ -137,7 +136,7 @@ class Ingress:
     @app.get("/readyz")
     async def readyz(self) -> dict:
         """Ready once a generator replica has loaded the checkpoint and its file is in place."""
-        await self._call(self.generator.ready.remote())
+        await self._call(self.generator.ready.remote())  # 503 while the checkpoint is gone
         return {"status": "ready", "checkpoint_id": self.checkpoint_id}
 
     @app.get("/v1/info")
@@ -174,8 +173,8 @@ class Ingress:
         out = await self._generate(req)
         card = model_card(out, self.meta["preprocessing"])
         if req.format == "json":
-            return JSONResponse(ModelInfo(**{k: out[k] for k in ModelInfo.model_fields}
-                                          | {"n_params": card["n_params"]}).model_dump())
+            fields = {k: out[k] for k in ModelInfo.model_fields if k != "n_params"}
+            return JSONResponse(ModelInfo(**fields, n_params=card["n_params"]).model_dump())
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in card.items()}
         headers = {"X-Tina-Model-Id": out["model_id"], "X-Tina-Arch": out["arch"],
                    "X-Tina-Classes": json.dumps(out["classes"]),
@@ -216,7 +215,7 @@ class Ingress:
                            "is gone; the operator must restore it or redeploy",
                            headers={"Retry-After": str(self.cfg.retry_after_s * 30)})
         try:
-            return await asyncio.wait_for(response, self.cfg.request_timeout_s)
+            out = await asyncio.wait_for(response, self.cfg.request_timeout_s)
         except BackPressureError:
             raise ApiError(503, "overloaded", "server: the generator queue is full "
                            f"(max_queued_requests {self.cfg.max_queued_requests}); retry later",
@@ -224,12 +223,13 @@ class Ingress:
         except TimeoutError:
             raise ApiError(504, "timeout", f"server: no answer within request_timeout_s "
                            f"{self.cfg.request_timeout_s}") from None
-        except CheckpointError as e:
-            raise ApiError(503, "checkpoint_unavailable", f"checkpoint: {e}") from None
-        except PromptError as e:
-            msg = str(e)
+        if isinstance(out, dict) and "error" in out:  # a TinaError, returned as a value
+            msg, kind = out["error"], out["kind"]
+            if kind == "CheckpointError":
+                raise ApiError(503, "checkpoint_unavailable", f"checkpoint: {msg}")
             field = msg.split(":", 1)[0] if ":" in msg.split(" ", 1)[0] else None
-            raise ApiError(422, "prompt_error", msg, field) from None
+            raise ApiError(422, "prompt_error", msg, field)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,9 +71,13 @@ class Generator:
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
-    async def ready(self) -> bool:
-        """True while the checkpoint file is in place. Raises CheckpointError when it is gone."""
-        return checkpoint_id(self.cfg.checkpoint) == self.checkpoint_id
+    async def ready(self) -> dict[str, Any]:
+        """{"ready": True} while the checkpoint file is in place, else {"error", "kind"}."""
+        try:
+            checkpoint_id(self.cfg.checkpoint)
+        except CheckpointError as e:
+            return _error(e)
+        return {"ready": True}
 
     async def stats(self) -> dict[str, Any]:
         """This replica's batch-size histogram {size: batches} and cache counters."""
@@ -81,7 +85,9 @@ class Generator:
                 "cache_misses": self.cache_misses, "cache_size": len(self.cache)}
 
     async def generate(self, prompt: dict[str, Any]) -> dict[str, Any]:
-        """A validated prompt -> the generated model's state dict and metadata.
+        """A validated prompt -> the generated model's state dict and metadata, or
+        {"error": message, "kind": exception class} for a TinaError (returned, not raised: a
+        user's mistake is no replica failure and leaves no traceback in the log).
 
         Args:
             prompt: {"classes": names or None, "examples": K tensors (n_k, C, H, W) uint8 or
@@ -90,9 +96,14 @@ class Generator:
         Returns:
             {"model_id", "classes", "state": {name: tensor}, "arch", "in_channels",
              "checkpoint_id", "seed", "sampler", "steps", "guidance", "cache_hit"}.
-        Raises:
-            PromptError: bad sampler settings, or image prompts without an image encoder.
+        Errors: PromptError for bad sampler settings or image prompts without an image encoder.
         """
+        try:
+            return await self._generate(prompt)
+        except TinaError as e:
+            return _error(e)
+
+    async def _generate(self, prompt: dict[str, Any]) -> dict[str, Any]:
         from tina.generate import prompt_seed
         from tina.image_prompts import encode_prompt_images
 
@@ -167,6 +178,10 @@ class Generator:
                 for i in idx:
                     out[i] = e
         return out
+
+
+def _error(e: TinaError) -> dict[str, str]:
+    return {"error": str(e), "kind": type(e).__name__}
 
 
 def image_encoder(gen: Any, cfg: ServeConfig) -> Any:
