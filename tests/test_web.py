@@ -75,15 +75,16 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def _test_png(tmp_path: Path, class_name: str) -> Path:
-    """The first real test-split image of `class_name`, written as a PNG file."""
+def _test_pngs(tmp_path: Path, class_name: str, n: int = 1) -> list[Path]:
+    """The first `n` real test-split images of `class_name`, written as PNG files."""
     from tina.data import load_split
 
     test = load_split("fashion-mnist+mnist", "test")
-    i = int(test.class_indices(test.classes.index(class_name))[0])
-    path = tmp_path / "test.png"
-    Image.fromarray(test.images[i, 0].numpy(), mode="L").save(path)
-    return path
+    paths = []
+    for j, i in enumerate(test.class_indices(test.classes.index(class_name))[:n].tolist()):
+        paths.append(tmp_path / f"{class_name.replace(' ', '_')}_{j}.png")
+        Image.fromarray(test.images[i, 0].numpy(), mode="L").save(paths[-1])
+    return paths
 
 
 def _open(ctx: BrowserContext, endpoint: str) -> Page:
@@ -122,7 +123,7 @@ def test_page_generates_a_model_and_shows_the_label_classify_returns(
     assert got.keys() == want.keys() and got["fc.weight"].shape[0] == len(PROMPT)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
-    png = _test_png(tmp_path, "Sneaker")
+    png = _test_pngs(tmp_path, "Sneaker")[0]
     page.locator("#test-image").set_input_files(png)
     page.get_by_role("button", name="Classify").click()
     expect(page.locator("#prediction")).to_be_visible(timeout=30_000)
@@ -168,3 +169,24 @@ def test_page_shows_the_apis_4xx_errors(endpoint: str, browser: BrowserContext,
     page.get_by_role("button", name="Classify").click()
     expect(error).to_contain_text("422 invalid_image: images[0]: not a readable PNG or JPEG")
     expect(page.locator("#prediction")).to_be_hidden()
+
+
+def test_page_generates_a_model_from_example_images(endpoint: str, browser: BrowserContext,
+                                                    tmp_path: Path) -> None:
+    page = _open(browser, endpoint)
+    names = ["my shoes", "my bags"]
+    files = [_test_pngs(tmp_path, "Sneaker", 2), _test_pngs(tmp_path, "Bag", 2)]
+    for i, (name, paths) in enumerate(zip(names, files, strict=True)):
+        page.get_by_label(f"Class {i + 1} name").fill(name)
+        page.get_by_label(f"Class {i + 1} example image files").set_input_files(paths)
+    expect(page.locator(".class-row .examples").first).to_have_text("2 example image(s)")
+    page.get_by_role("button", name="Get model").click()
+    expect(page.locator("#model")).to_be_visible(timeout=30_000)
+
+    status, raw = _post(endpoint + "v1/models", {"classes": names, "seed": 0, "format": "json",
+                                                 "examples": [[base64.b64encode(
+                                                     p.read_bytes()).decode() for p in paths]
+                                                     for paths in files]})
+    assert status == 200, raw
+    assert page.locator("#model-classes li").all_inner_texts() == names
+    expect(page.locator("#model-id")).to_have_text(json.loads(raw)["model_id"])
