@@ -205,15 +205,16 @@ def stats_delta(before: dict, after: dict) -> dict[str, Any]:
             "cache_misses": after["cache_misses"] - before["cache_misses"]}
 
 
-def running_generators() -> int:
-    """RUNNING replicas of the Generator deployment, from serve.status()."""
+def generator_replicas() -> dict[str, int]:
+    """{replica state: count} of the Generator deployment from serve.status() (RUNNING,
+    STARTING, STOPPING, ...)."""
     from ray import serve
 
     app = serve.status().applications.get(APP)
     if app is None or "Generator" not in app.deployments:
-        return 0
+        return {}
     states = app.deployments["Generator"].replica_states
-    return sum(v for k, v in states.items() if str(getattr(k, "value", k)) == "RUNNING")
+    return {str(getattr(k, "value", k)): v for k, v in states.items() if v}
 
 
 def fixed_phase(url: str, cfg: dict, prompts: Prompts, args: argparse.Namespace,
@@ -235,9 +236,10 @@ def autoscaling_phase(url: str, cfg: dict, prompts: Prompts, args: argparse.Name
     t0 = time.monotonic()
 
     def sample(phase: str) -> int:
-        n = running_generators()
-        timeline.append({"t_s": round(time.monotonic() - t0, 1), "running": n, "phase": phase})
-        return n
+        states = generator_replicas()
+        timeline.append({"t_s": round(time.monotonic() - t0, 1), "phase": phase,
+                         "running": states.get("RUNNING", 0), "states": states})
+        return timeline[-1]["running"]
 
     for _ in range(3):
         sample("idle")
@@ -256,25 +258,50 @@ def autoscaling_phase(url: str, cfg: dict, prompts: Prompts, args: argparse.Name
         if sample("after") <= cfg["min_replicas"]:
             tail -= 1
         time.sleep(1)
+    lo = cfg["min_replicas"]
     peak = max(p["running"] for p in timeline)
-    back = next((p["t_s"] for p in timeline if p["phase"] == "after"
-                 and p["running"] <= cfg["min_replicas"]), None)
-    up = next((p["t_s"] for p in timeline if p["running"] > cfg["min_replicas"]), None)
+    up = next((p["t_s"] for p in timeline if p["running"] > lo), None)
+    back = next((p["t_s"] for p in timeline if p["phase"] == "after" and up is not None
+                 and p["t_s"] > up and p["running"] <= lo), None)
     return {"min_replicas": cfg["min_replicas"], "max_replicas": cfg["max_replicas"],
             "target_ongoing_requests": cfg["target_ongoing_requests"],
             "upscale_delay_s": cfg["upscale_delay_s"],
             "downscale_delay_s": cfg["downscale_delay_s"],
             "load_window_s": [round(load_start, 1), round(load_end, 1)],
-            "peak_running": peak, "rose": peak > cfg["min_replicas"],
+            "peak_running": peak,
+            "rose_under_load": any(p["running"] > lo for p in timeline if p["phase"] == "load"),
+            "returned_after": back is not None,
             "first_above_min_t_s": up, "back_at_min_t_s": back,
-            "returned": timeline[-1]["running"] <= cfg["min_replicas"] and peak > cfg[
-                "min_replicas"],
             "load": asdict(result["load"]), "replicas_timeline": timeline}
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The figures the issue's done-when names, from the phases that ran."""
+    out: dict[str, Any] = {
+        "errors": sum(r["errors"] for r in (res.get("batched"), res.get("unbatched"),
+                                            res.get("single_user")) if r)
+        + (res["autoscaling"]["load"]["errors"] if "autoscaling" in res else 0),
+        "cache_hits": sum(res[k]["cache_hits"] for k in ("batched", "unbatched") if k in res)}
+    for k in ("batched", "unbatched"):
+        if k in res:
+            out |= {f"{k}_{m}": res[k][m] for m in ("rps", "p50_ms", "p99_ms",
+                                                    "mean_batch_size")}
+    if "batched" in res and "unbatched" in res and res["unbatched"]["rps"]:
+        out["batched_over_unbatched_rps"] = round(res["batched"]["rps"]
+                                                  / res["unbatched"]["rps"], 2)
+    if "single_user" in res:
+        out |= {"single_user_p50_ms": res["single_user"]["p50_ms"],
+                "single_user_p99_ms": res["single_user"]["p99_ms"]}
+    if "autoscaling" in res:
+        a = res["autoscaling"]
+        out |= {"replicas_peak": a["peak_running"],
+                "replicas_rose_and_fell": a["rose_under_load"] and a["returned_after"]}
+    return out
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -296,19 +323,25 @@ def main() -> None:
     p.add_argument("--cpus", type=float, default=4, help="logical CPUs of the local Ray cluster")
     p.add_argument("--threads", type=int, default=1, help="torch threads per generator replica")
     p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--duration-s", type=float, default=30.0, help="each of batched/unbatched")
-    p.add_argument("--max-batch-size", type=int, default=32, help="of the batched phase")
+    p.add_argument("--duration-s", type=float, help="each of batched/unbatched (30; quick 8)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="of the batched phase")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
-    p.add_argument("--single-user-requests", type=int, default=40)
+    p.add_argument("--single-user-requests", type=int, help="40; quick 10")
     p.add_argument("--max-replicas", type=int, default=3, help="of the autoscaling phase")
-    p.add_argument("--autoscale-load-s", type=float, default=40.0)
-    p.add_argument("--autoscale-idle-s", type=float, default=120.0,
-                   help="at most this long after the load for the return to min_replicas")
+    p.add_argument("--autoscale-load-s", type=float, help="60; quick 30")
+    p.add_argument("--autoscale-idle-s", type=float,
+                   help="at most this long after the load for the return to min_replicas "
+                        "(120; quick 90)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="client timeout per request")
+    p.add_argument("--phases", default="batched,unbatched,autoscaling",
+                   help="comma-separated subset (batched includes single_user)")
     args = p.parse_args()
-    if args.quick:
-        args.duration_s, args.single_user_requests = 8.0, 10
-        args.autoscale_load_s, args.autoscale_idle_s = 20.0, 90.0
+    phases = set(args.phases.split(","))
+    for name, full, quick in (("duration_s", 30.0, 8.0), ("single_user_requests", 40, 10),
+                              ("autoscale_load_s", 60.0, 30.0),
+                              ("autoscale_idle_s", 120.0, 90.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
 
     ckpt = Path(args.checkpoint).resolve()
     meta = json.loads((ckpt / "tina.json").read_text())
@@ -337,51 +370,41 @@ def main() -> None:
                   "max_queued_requests": 4 * args.clients, "request_timeout_s": args.timeout_s}
         fixed = common | {"autoscaling": False, "num_replicas": 1}
         batched_cfg = fixed | {"max_batch_size": args.max_batch_size}
-        res: dict[str, Any] = {}
-        print(f"batched: {args.clients} clients, {args.duration_s:.0f} s ...", flush=True)
-        res["batched"] = fixed_phase(url, batched_cfg, prompts, args)
-        print("single user ...", flush=True)
-        res["single_user"] = single_user(url, prompts, args.single_user_requests, args.timeout_s)
-        print(f"unbatched: {args.clients} clients, {args.duration_s:.0f} s ...", flush=True)
-        res["unbatched"] = fixed_phase(url, fixed | {"max_batch_size": 1}, prompts, args)
-        print(f"autoscaling: {args.autoscale_load_s:.0f} s of load, then idle ...", flush=True)
+        unbatched_cfg = fixed | {"max_batch_size": 1}
         auto_cfg = common | {
             "autoscaling": True, "max_batch_size": args.max_batch_size, "min_replicas": 1,
             "max_replicas": args.max_replicas,
             "target_ongoing_requests": max(1.0, args.clients / (2 * args.max_replicas)),
             "upscale_delay_s": 2.0, "downscale_delay_s": 5.0}
-        res["autoscaling"] = autoscaling_phase(url, auto_cfg, prompts, args)
+        res: dict[str, Any] = {}
+        if "batched" in phases:
+            print(f"batched: {args.clients} clients, {args.duration_s:.0f} s ...", flush=True)
+            res["batched"] = fixed_phase(url, batched_cfg, prompts, args)
+            print("single user ...", flush=True)
+            res["single_user"] = single_user(url, prompts, args.single_user_requests,
+                                             args.timeout_s)
+        if "unbatched" in phases:
+            print(f"unbatched: {args.clients} clients, {args.duration_s:.0f} s ...", flush=True)
+            res["unbatched"] = fixed_phase(url, unbatched_cfg, prompts, args)
+        if "autoscaling" in phases:
+            print(f"autoscaling: {args.autoscale_load_s:.0f} s of load, then idle ...",
+                  flush=True)
+            res["autoscaling"] = autoscaling_phase(url, auto_cfg, prompts, args)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    b, u = res["batched"], res["unbatched"]
     out = {
         "command": "python " + " ".join(sys.argv), "git_commit": git_commit(), **machine(),
         "quick": args.quick, "wall_s": round(time.perf_counter() - t_start, 1),
         "checkpoint": str(ckpt), "checkpoint_sha256": _sha256(ckpt / "tina.safetensors"),
         "sampler": sample["sampler"], "steps": sample["steps"], "guidance": sample["guidance"],
         "endpoint": "POST /v1/models (safetensors), 127.0.0.1", "ray_num_cpus": args.cpus,
-        "config": {"batched": batched_cfg, "unbatched": fixed | {"max_batch_size": 1},
-                   "autoscaling": auto_cfg},
-        "summary": {
-            "batched_over_unbatched_rps": round(b["rps"] / u["rps"], 2) if u["rps"] else None,
-            "batched_mean_batch_size": b["mean_batch_size"],
-            "errors": b["errors"] + u["errors"] + res["single_user"]["errors"]
-            + res["autoscaling"]["load"]["errors"],
-            "cache_hits": b["cache_hits"] + u["cache_hits"],
-            "single_user_p50_ms": res["single_user"]["p50_ms"],
-            "single_user_p99_ms": res["single_user"]["p99_ms"],
-            "replicas_rose_and_fell": res["autoscaling"]["rose"] and res["autoscaling"][
-                "returned"]},
-        **res,
-    }
+        "config": {"batched": batched_cfg, "unbatched": unbatched_cfg, "autoscaling": auto_cfg},
+        "summary": summary(res), **res}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out["summary"] | {
-        "batched_rps": b["rps"], "unbatched_rps": u["rps"], "batched_p50_ms": b["p50_ms"],
-        "batched_p99_ms": b["p99_ms"], "unbatched_p50_ms": u["p50_ms"],
-        "unbatched_p99_ms": u["p99_ms"], "wall_s": out["wall_s"]}, indent=1))
+    print(json.dumps(out["summary"] | {"wall_s": out["wall_s"]}, indent=1))
     print(f"written to {args.out}")
 
 
