@@ -23,7 +23,18 @@ Phases, each on a fresh deployment of `tina.serve.build_app`:
   second: idle, under load for `--autoscale-load-s`, then idle until back at min_replicas (or
   `--autoscale-idle-s` passed).
 Writes the JSON with the command, git commit, nproc and CPU model; prints a summary. `--quick` is
-a smoke run (short phases; its figures are not the benchmark's).
+a smoke run (short phases; its figures are not the benchmark's). ~5 min on 2 cores.
+
+Why these defaults (measured on a 2-core machine, a tina-s generator, DDIM 50 steps):
+- `--threads 2`: one denoiser step of a batch of 16 costs ~1.9x a batch of 1 per model with one
+  thread, ~3x with two (small batches leave a thread idle); sampler compute is the ceiling.
+- `--batch-wait-timeout-s 0.25`: Ray Serve 2.60 forms the next batch `batch_wait_timeout_s` after
+  its first request even while the sampler is still busy with the previous one (the finished
+  batch then waits on the `max_concurrent_batches` semaphore). The clients of one batch come back
+  spread over ~0.1 s, so at 0.05 s each returning group became a batch of its own and stayed so
+  (batch sizes 2-16, mean 6.3); at 0.25-0.3 s they were all 16. A lone request waits that long.
+- `--max-batch-size 16` for 32 clients: two groups of 16 alternate, so the sampler never waits
+  for a group's round trip.
 """
 
 from __future__ import annotations
@@ -321,11 +332,14 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/serve_load.json")
     p.add_argument("--quick", action="store_true", help="smoke run: short phases")
     p.add_argument("--cpus", type=float, default=4, help="logical CPUs of the local Ray cluster")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per generator replica")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of the generator replica (batched/unbatched)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration-s", type=float, help="each of batched/unbatched (30; quick 8)")
     p.add_argument("--max-batch-size", type=int, default=16, help="of the batched phase")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.25,
+                   help="see the module docstring: below the re-arrival spread of a batch's "
+                        "clients, batches stay fragmented")
     p.add_argument("--single-user-requests", type=int, help="40; quick 10")
     p.add_argument("--max-replicas", type=int, default=3, help="of the autoscaling phase")
     p.add_argument("--autoscale-load-s", type=float, help="60; quick 30")
@@ -371,9 +385,9 @@ def main() -> None:
         fixed = common | {"autoscaling": False, "num_replicas": 1}
         batched_cfg = fixed | {"max_batch_size": args.max_batch_size}
         unbatched_cfg = fixed | {"max_batch_size": 1}
-        auto_cfg = common | {
-            "autoscaling": True, "max_batch_size": args.max_batch_size, "min_replicas": 1,
-            "max_replicas": args.max_replicas,
+        auto_cfg = common | {  # one thread per replica: replicas x threads <= cores
+            "threads": 1, "autoscaling": True, "max_batch_size": args.max_batch_size,
+            "min_replicas": 1, "max_replicas": args.max_replicas,
             "target_ongoing_requests": max(1.0, args.clients / (2 * args.max_replicas)),
             "upscale_delay_s": 2.0, "downscale_delay_s": 5.0}
         res: dict[str, Any] = {}
