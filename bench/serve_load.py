@@ -25,9 +25,10 @@ Phases, each on a fresh deployment of `tina.serve.build_app`:
 Writes the JSON with the command, git commit, nproc and CPU model; prints a summary. `--quick` is
 a smoke run (short phases; its figures are not the benchmark's). ~5 min on 2 cores.
 
-Why these defaults (measured on a 2-core machine, a tina-s generator, DDIM 50 steps):
-- `--threads 2`: one denoiser step of a batch of 16 costs ~1.9x a batch of 1 per model with one
-  thread, ~3x with two (small batches leave a thread idle); sampler compute is the ceiling.
+Why these defaults (measured on a busy 2-core machine, a tina-s generator, DDIM 50 steps):
+- `--threads 2`: sampling 16 prompts in one batch makes each model ~1.9x cheaper than alone with
+  one torch thread, ~3x with two (a batch of 1 leaves the second thread idle); the sampler's
+  compute is the ceiling of both phases.
 - `--batch-wait-timeout-s 0.25`: Ray Serve 2.60 forms the next batch `batch_wait_timeout_s` after
   its first request even while the sampler is still busy with the previous one (the finished
   batch then waits on the `max_concurrent_batches` semaphore). The clients of one batch come back
