@@ -51,13 +51,15 @@ def endpoint(ray_cluster: dict, tiny_run: Path) -> Iterator[str]:
         serve.shutdown()
 
 
-@pytest.fixture()
-def browser(tmp_path: Path) -> Iterator[BrowserContext]:
-    """Headless Debian chromium with a fresh profile (no Playwright-managed browser)."""
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    """Headless Debian chromium with a fresh profile (no Playwright-managed browser); each test
+    opens its own page."""
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: apt-get install -y chromium"
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
-            tmp_path / "profile", executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            tmp_path_factory.mktemp("chromium_profile"), executable_path=CHROMIUM,
+            headless=True, args=CHROMIUM_FLAGS,
             accept_downloads=True)
         try:
             yield ctx
@@ -87,16 +89,20 @@ def _test_pngs(tmp_path: Path, class_name: str, n: int = 1) -> list[Path]:
     return paths
 
 
-def _open(ctx: BrowserContext, endpoint: str) -> Page:
-    page = ctx.new_page()
-    page.goto(endpoint)
-    expect(page.locator("#status")).to_have_attribute("data-ready", "true", timeout=30_000)
-    return page
+@pytest.fixture()
+def page(endpoint: str, browser: BrowserContext) -> Iterator[Page]:
+    """The page at `/`, once it has read /v1/info and /readyz answered."""
+    page = browser.new_page()
+    try:
+        page.goto(endpoint)
+        expect(page.locator("#status")).to_have_attribute("data-ready", "true", timeout=30_000)
+        yield page
+    finally:
+        page.close()
 
 
 def test_page_generates_a_model_and_shows_the_label_classify_returns(
-        endpoint: str, browser: BrowserContext, tmp_path: Path) -> None:
-    page = _open(browser, endpoint)
+        endpoint: str, page: Page, tmp_path: Path) -> None:
     expect(page.locator("#status")).to_contain_text("K_max 10")
     page.get_by_role("button", name="Add class").click()
     for i, name in enumerate(PROMPT):
@@ -141,9 +147,7 @@ def test_page_generates_a_model_and_shows_the_label_classify_returns(
     expect(page.locator("#error")).to_be_hidden()
 
 
-def test_page_shows_the_apis_4xx_errors(endpoint: str, browser: BrowserContext,
-                                        tmp_path: Path) -> None:
-    page = _open(browser, endpoint)
+def test_page_shows_the_apis_4xx_errors(endpoint: str, page: Page, tmp_path: Path) -> None:
     bad = ["Sneaker", " sneaker"]  # the same class twice
     status, raw = _post(endpoint + "v1/models", {"classes": [n.strip() for n in bad], "seed": 0})
     assert status == 422
@@ -171,9 +175,8 @@ def test_page_shows_the_apis_4xx_errors(endpoint: str, browser: BrowserContext,
     expect(page.locator("#prediction")).to_be_hidden()
 
 
-def test_page_generates_a_model_from_example_images(endpoint: str, browser: BrowserContext,
+def test_page_generates_a_model_from_example_images(endpoint: str, page: Page,
                                                     tmp_path: Path) -> None:
-    page = _open(browser, endpoint)
     names = ["my shoes", "my bags"]
     files = [_test_pngs(tmp_path, "Sneaker", 2), _test_pngs(tmp_path, "Bag", 2)]
     for i, (name, paths) in enumerate(zip(names, files, strict=True)):
