@@ -209,8 +209,8 @@ def decode_image(b64: str, field: str, spec: ImageSpec, cfg: ServeConfig) -> tor
     if b64.startswith("data:"):
         b64 = b64.split(",", 1)[-1]
     if len(b64) > (cfg.max_image_bytes + 2) // 3 * 4 + 4:  # refuse before decoding
-        raise ApiError(413, "image_too_large", f"{field}: more than max_image_bytes "
-                       f"{cfg.max_image_bytes} bytes", field)
+        raise ApiError(413, "image_too_large", f"{field}: ~{len(b64) * 3 // 4} bytes > "
+                       f"max_image_bytes {cfg.max_image_bytes}", field)
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):

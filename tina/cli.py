@@ -73,6 +73,7 @@ def _serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
+    from tina.config import serve_config_from_args
     from tina.errors import ConfigError
     from tina.serve import build_app
 
@@ -82,10 +83,14 @@ def _serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--set {item!r}: expected key=value (a ServeConfig field)")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value
-    app = build_app({**overrides, "checkpoint": args.checkpoint})  # checks before Ray starts
+    settings = {**overrides, "checkpoint": args.checkpoint}
+    app = build_app(settings)  # checks the settings and the checkpoint before Ray starts
+    # the proxy's own end-to-end timeout backs up the app's request_timeout_s (504 JSON)
+    proxy_timeout_s = serve_config_from_args(settings).request_timeout_s + 10
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port,
+                                  "request_timeout_s": proxy_timeout_s})
         serve.run(app, route_prefix="/")
         print(f"serving {args.checkpoint} at http://{args.host}:{args.port} "
               "(docs at /docs; Ctrl-C stops)", flush=True)

@@ -298,7 +298,9 @@ class ServeConfig:
     ingress_num_replicas: int = 1
     ingress_max_ongoing_requests: int = 256  # per ingress replica (Serve's default is 5)
     # --- limits
-    request_timeout_s: float = 60.0  # a request still unanswered after this gets a 504
+    # a request still unanswered after this gets a JSON 504; below serve_config.yaml's proxy
+    # http_options.request_timeout_s (30 s), so the client sees this answer, not the proxy's
+    request_timeout_s: float = 25.0
     cache_size: int = 256  # generated models kept per generator replica (LRU)
     max_body_bytes: int = 8 * 2**20  # whole request body
     max_images: int = 64  # images per /v1/classify request

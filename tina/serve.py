@@ -10,7 +10,17 @@ concurrent requests into one sampler call with `@serve.batch` (Ray Serve's dynam
 an LRU cache of generated models keyed by (checkpoint id, prompt, seed, sampler, steps, guidance)
 and scale with `autoscaling_config`. A prompt's noise depends only on (seed, prompt)
 (tina.generate.prompt_seed), so a model is the same alone or in any batch (to float rounding).
-Settings: tina.config.ServeConfig. Routes: see `Ingress` and the OpenAPI page at /docs.
+Settings: tina.config.ServeConfig (the keys of build_app's args).
+
+Routes (OpenAPI page at /docs; request schemas in tina.api):
+    POST /v1/models    {"classes": [...]} | {"examples": [[b64, ...], ...]}, optional "seed",
+                       "sampler", "steps", "guidance", "format": "safetensors" (default) | "json"
+    POST /v1/classify  the same prompt fields + "images": [b64, ...] -> labels, probabilities
+    GET  /healthz, /readyz, /v1/info, /v1/stats (one generator replica's batch-size histogram)
+Errors: {"error": {"code", "message", "field"}, "request_id"} with a 4xx status for what the
+client sent, 503 (+ Retry-After) for overload or a missing checkpoint, 504 after the timeout.
+To add routes (e.g. a page at "/"), register them on `app` before the `Ingress` class below:
+`@serve.ingress(app)` freezes a copy of the app when the class is defined.
 """
 
 
@@ -26,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from safetensors.torch import save as save_safetensors
@@ -54,6 +65,7 @@ from tina.api import (
 from tina.config import ServeConfig, serve_config_from_args
 from tina.errors import CheckpointError
 from tina.serve_generator import WEIGHTS, Generator, checkpoint_id
+from tina.tasks import MAX_NAME_CHARS
 from tina.web import router as web_router
 
 __all__ = ["Generator", "Ingress", "app", "build_app"]
@@ -135,8 +147,15 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> dict:
-        """Ready once a generator replica has loaded the checkpoint and its file is in place."""
-        await self._call(self.generator.ready.remote())  # 503 while the checkpoint is gone
+        """Ready once a generator replica has loaded the checkpoint and its file is in place;
+        else 503 (checkpoint_unavailable, or not_ready when no replica answers within 5 s)."""
+        try:
+            await self._call(self.generator.ready.remote(), timeout_s=5.0)
+        except ApiError as e:
+            if e.code == "timeout":
+                raise ApiError(503, "not_ready", "server: no generator replica has loaded the "
+                               "checkpoint yet", headers={"Retry-After": "5"}) from None
+            raise
         return {"status": "ready", "checkpoint_id": self.checkpoint_id}
 
     @app.get("/v1/info")
@@ -154,7 +173,7 @@ class Ingress:
             "preprocessing": m["preprocessing"], "input_preprocessing": INPUT_PREPROCESSING,
             "limits": {k: getattr(c, k) for k in (
                 "max_body_bytes", "max_images", "max_examples_per_class", "max_image_bytes",
-                "max_image_pixels", "request_timeout_s")} | {"max_name_chars": 200},
+                "max_image_pixels", "request_timeout_s")} | {"max_name_chars": MAX_NAME_CHARS},
         }
 
     @app.get("/v1/stats")
@@ -208,21 +227,26 @@ class Ingress:
                   "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance}
         return await self._call(self.generator.generate.remote(prompt))
 
-    async def _call(self, response: Any) -> Any:
-        """Await a generator call within the request timeout; map its failures to ApiError."""
+    async def _call(self, response: Any, timeout_s: float | None = None) -> Any:
+        """Await a generator call within the request timeout (or `timeout_s`); map its failures
+        to ApiError."""
         if not (self.ckpt / WEIGHTS).is_file():
             raise ApiError(503, "checkpoint_unavailable", f"checkpoint: {self.ckpt / WEIGHTS} "
                            "is gone; the operator must restore it or redeploy",
                            headers={"Retry-After": str(self.cfg.retry_after_s * 30)})
         try:
-            out = await asyncio.wait_for(response, self.cfg.request_timeout_s)
+            out = await asyncio.wait_for(response, timeout_s or self.cfg.request_timeout_s)
         except BackPressureError:
             raise ApiError(503, "overloaded", "server: the generator queue is full "
                            f"(max_queued_requests {self.cfg.max_queued_requests}); retry later",
                            headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+        except RayActorError:  # the replica died (e.g. out of memory); Serve starts another
+            raise ApiError(503, "generator_unavailable", "server: the generator replica "
+                           "stopped; retry shortly",
+                           headers={"Retry-After": str(self.cfg.retry_after_s * 5)}) from None
         except TimeoutError:
             raise ApiError(504, "timeout", f"server: no answer within request_timeout_s "
-                           f"{self.cfg.request_timeout_s}") from None
+                           f"{timeout_s or self.cfg.request_timeout_s}") from None
         if isinstance(out, dict) and "error" in out:  # a TinaError, returned as a value
             msg, kind = out["error"], out["kind"]
             if kind == "CheckpointError":

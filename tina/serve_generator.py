@@ -206,4 +206,5 @@ def image_encoder(gen: Any, cfg: ServeConfig) -> Any:
             f = generic.features(to_float(images))
             return torch.cat([f, generic.fc(f)[:, p.has_row]], dim=1)
 
-    return ImagePromptEncoder.load(path, features, text_encoder_version=gen.encoder.version)
+    return ImagePromptEncoder.load(path, features,
+                                   text_encoder_version=gen.meta["encoder"]["version"])
