@@ -359,6 +359,9 @@ def main() -> None:
             setattr(args, name, quick if args.quick else full)
 
     ckpt = Path(args.checkpoint).resolve()
+    if not (ckpt / "tina.json").is_file():
+        sys.exit(f"{ckpt}: no generator checkpoint (tina.json) here; run `make demo` first or "
+                 "pass --checkpoint DIR")
     meta = json.loads((ckpt / "tina.json").read_text())
     report = ckpt.parent / "report.json"
     sample = meta["sample"]
