@@ -103,7 +103,10 @@ def page(endpoint: str, browser: BrowserContext) -> Iterator[Page]:
 
 def test_page_generates_a_model_and_shows_the_label_classify_returns(
         endpoint: str, page: Page, tmp_path: Path) -> None:
-    expect(page.locator("#status")).to_contain_text("K_max 10")
+    with urllib.request.urlopen(endpoint + "v1/info", timeout=30) as r:
+        api_info = json.load(r)
+    expect(page.locator("#status")).to_contain_text(f"K_max {api_info['k_max']}")
+    expect(page.locator("#preprocessing-steps li")).to_have_text(api_info["input_preprocessing"])
     page.get_by_role("button", name="Add class").click()
     for i, name in enumerate(PROMPT):
         page.get_by_label(f"Class {i + 1} name").fill(name.lower())  # canonical names come back
