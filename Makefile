@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := $(or $(TINA_DATA_DIR),data)
 DATA_STAMP := $(DATA)/.ready
+BROWSER := $(VENV)/.browser
 CONFIG ?= configs/demo.yaml
 OUT    ?= runs/demo
 
@@ -27,7 +28,12 @@ $(DATA_STAMP): scripts/fetch_data.sh
 demo: $(STAMP) $(DATA_STAMP)
 	TINA_DATA_DIR=$(DATA) $(VENV)/bin/tina pipeline --config $(CONFIG) --out $(OUT)
 
-test: $(STAMP) $(DATA_STAMP)
+# tests/test_web.py drives Debian's chromium through Playwright (which never downloads a browser)
+$(BROWSER): $(STAMP)
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	touch $@
+
+test: $(STAMP) $(DATA_STAMP) $(BROWSER)
 	TINA_DATA_DIR=$(DATA) $(PY) -m pytest --durations=25 -rs
 
 lint: $(STAMP)

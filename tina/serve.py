@@ -66,6 +66,7 @@ from tina.config import ServeConfig, serve_config_from_args
 from tina.errors import CheckpointError
 from tina.serve_generator import WEIGHTS, Generator, checkpoint_id
 from tina.tasks import MAX_NAME_CHARS
+from tina.web import router as web_router
 
 __all__ = ["Generator", "Ingress", "app", "build_app"]
 
@@ -78,6 +79,7 @@ logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Tina", version="1",
               description="Text-to-model: send class names (or example images), get a classifier.")
+app.include_router(web_router)  # the web page at / (tina.web)
 
 
 def _request_id(request: Request) -> str:
