@@ -10,7 +10,8 @@ tina.zoo.build_zoo in this process. Each p-model's completion time is its parame
 (the store writes it last, atomically) and its worker the manifest shard that lists it.
 Generator: the demo's generator (tina-s, batch 64) trained by tina.train.train_generator, in a
 Ray Train worker loop (Placement + prepare_model, as jobs.train_dit) and in this process, on the
-zoo this bench built (the 2-worker one). Training reports every 50 steps: those are the items.
+zoo this bench built (the 2-worker one); each optimizer step is an item, timed by
+train_generator's per-step hook (train.checkpoint_every=1, no state saved).
 
 Steady state: the window starts when the first item of *every* worker has finished (start-up,
 data loading and the first item are `startup_s`, reported apart) and lasts --window-s seconds;
@@ -43,11 +44,14 @@ from tina.pipeline import git_commit, machine
 from tina.tasks import LabelSpace, make_splits
 from tina.zoo import ZooStore, build_zoo
 
-REPORT_EVERY = 50  # tina.train reports at steps 0, 50, 100, ... (step + 1 = 1, 51, 101, ...)
+# --quick: seconds, not minutes, per configuration on a busy machine (a smoke test of the bench)
+QUICK = ["zoo.epochs=0.05", "zoo.max_train_images=2000", "dit.preset=tina-xs",
+         "train.batch_size=16"]
+STOP_EVERY = 10  # training steps between the (collective) checks whether the window is over
 
 
 class _Stop(Exception):
-    """Raised from a report callback to end a training run once its window is over."""
+    """Raised from the step clock to end a training run once its window is over."""
 
 
 def steady(stamps: dict[str, list[float]], launch: float, window_s: float) -> dict:
@@ -117,7 +121,7 @@ def zoo_ray(cfg: PipelineConfig, generic, tasks, workers: int, work: Path,
 
 def _train_loop(config: dict) -> None:
     """A Ray Train worker: train_generator until the collective stop after the window; rank 0
-    hands back its report times in a checkpoint (stamps.json)."""
+    hands back its step times in a checkpoint (stamps.json)."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -128,51 +132,55 @@ def _train_loop(config: dict) -> None:
     worker_threads(1.0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    stamps: list[float] = []
 
-    def report(step: int, metrics: dict) -> None:
-        stamps.append(time.time())
-        # every rank stops at the same step (DDP): stop when any rank is past the window
-        over = torch.tensor([float(time.time() > stamps[0] + config["run_s"])])
+    def stop(over: bool) -> bool:  # every rank stops at the same step (DDP): any rank's call
+        flag = torch.tensor([float(over)])
         if world > 1:
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        if over.item():
-            raise _Stop
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
+    stamps = _StepClock(config["run_s"], stop)
     place = Placement(rank, world, ray.train.torch.get_device(), ray.train.torch.prepare_model)
     try:
-        train_generator(from_dict(config["cfg"]), **vars(config["inputs"]), report=report,
-                        progress=False, place=place)
+        train_generator(from_dict(config["cfg"]), **vars(config["inputs"]), progress=False,
+                        place=place, on_checkpoint=stamps)
     except _Stop:
         pass
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "stamps.json").write_text(json.dumps(stamps))
-        ray.train.report({"reports": len(stamps)},
+        (Path(d) / "stamps.json").write_text(json.dumps(stamps.times))
+        ray.train.report({"steps": len(stamps.times)},
                          checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
+class _StepClock:
+    """train_generator's on_checkpoint hook at every step (train.checkpoint_every=1): records
+    the step's end time; every STOP_EVERY steps asks `stop(past the window)` and ends the run."""
+
+    def __init__(self, run_s: float, stop=lambda over: over):
+        self.run_s, self.stop, self.times = run_s, stop, []
+
+    def __call__(self, state, make_generator) -> None:
+        self.times.append(time.time())
+        if state.step % STOP_EVERY == 0 and self.stop(self.times[-1] > self.times[0]
+                                                       + self.run_s):
+            raise _Stop
+
+
 def train_process(cfg: PipelineConfig, inputs, window_s: float) -> dict:
-    """train_generator in this process with 2 threads until one report past the window."""
+    """train_generator in this process with 2 threads until just past the window."""
     from tina.train import train_generator
 
     torch.set_num_threads(2)
-    stamps: list[float] = []
-
-    def report(step: int, metrics: dict) -> None:
-        stamps.append(time.time())
-        if stamps[-1] > stamps[0] + window_s:
-            raise _Stop
-
-    launch = time.time()
+    stamps, launch = _StepClock(window_s), time.time()
     try:
-        train_generator(cfg, **vars(inputs), report=report, progress=False)
+        train_generator(cfg, **vars(inputs), progress=False, on_checkpoint=stamps)
     except _Stop:
         pass
-    return _train_result(steady({"0": stamps}, launch, window_s), cfg)
+    return _train_result(steady({"0": stamps.times}, launch, window_s), cfg, 1)
 
 
 def train_ray(cfg: PipelineConfig, inputs, workers: int, work: Path, window_s: float) -> dict:
-    """The worker loop above on `workers` Ray Train workers x 1 CPU."""
+    """The worker loop above on `workers` Ray Train workers x 1 CPU (DDP)."""
     from ray.train.torch import TorchTrainer
 
     from jobs.common import RayOptions, run_config, run_name, scaling, worker_config
@@ -186,13 +194,14 @@ def train_ray(cfg: PipelineConfig, inputs, workers: int, work: Path, window_s: f
                           ).fit()
     with result.checkpoint.as_directory() as d:
         stamps = json.loads((Path(d) / "stamps.json").read_text())
-    return _train_result(steady({"rank0": stamps}, launch, window_s), cfg)
+    # DDP steps in lockstep: rank 0's first step ends after every rank's first step
+    return _train_result(steady({"rank0": stamps}, launch, window_s), cfg, workers)
 
 
-def _train_result(s: dict, cfg: PipelineConfig) -> dict:
-    # one item = REPORT_EVERY optimizer steps of the global batch (every rank steps together)
-    return s | {"rate": s["rate"] * REPORT_EVERY * cfg.train.batch_size,
-                "steps": s.pop("items") * REPORT_EVERY}
+def _train_result(s: dict, cfg: PipelineConfig, workers: int) -> dict:
+    # an item is one optimizer step of the global batch (every rank steps together)
+    return s | {"rate": s["rate"] * cfg.train.batch_size, "steps": s.pop("items"),
+                "workers": workers}
 
 
 # ----------------------------------------------------------------------------- main
@@ -201,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo.yaml", help="the zoo and generator recipe")
     p.add_argument("--window-s", type=float, default=60.0, help="steady-state window (seconds)")
-    p.add_argument("--quick", action="store_true", help="smoke run: a 5 s window")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: a 5 s window and a lighter recipe (QUICK); figures not valid")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the recipe")
     p.add_argument("--generic", default="runs/demo/generic",
                    help="a generic model folder to reuse (else one is trained for 1 epoch)")
     p.add_argument("--out", default="bench/results/ray_scaling.json")
@@ -210,18 +222,34 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.ray_scaling " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = os.getloadavg()
     torch.set_num_threads(1)  # data and generic model; each measured part sets its own
-    cfg = load_config(args.config)
+    overrides = (QUICK if args.quick else []) + args.set
+    cfg = load_config(args.config, overrides)
     info = dataset_info(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
     train, val = (load_split(cfg.data.dataset, s, root=cfg.data.root,
                              image_size=cfg.data.image_size) for s in ("train", "val"))
     space = LabelSpace(info.classes, cfg.data.held_out)
-    work = Path(tempfile.mkdtemp(prefix="tina-ray-scaling-"))
-    generic, has_row, generic_from = _generic(cfg, Path(args.generic), train, val, space, work)
+    with tempfile.TemporaryDirectory(prefix="tina-ray-scaling-") as work:
+        try:
+            result = measure(cfg, args, overrides, Path(work), window, train, val, space)
+        finally:
+            import ray
+            ray.shutdown()  # the local cluster measure() started
+    result |= {"command": command, "git_commit": git_commit(), "machine": machine(),
+               "load_avg_1m": {"start": load_start[0], "end": os.getloadavg()[0]}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("zoo", "train", "ratios")}, default=str)[:2000])
 
-    zoo, startup = {}, {}
+
+def measure(cfg: PipelineConfig, args: argparse.Namespace, overrides: list[str], work: Path,
+            window: float, train, val, space) -> dict:
+    """Every run of the bench under `work`; the result without the provenance fields."""
+    generic, generic_from = _generic(cfg, Path(args.generic), train, val, space, work)
+
+    zoo = {}
     splits = make_splits(space, cfg.data.forbidden_pairs, cfg.zoo.k, 1000, cfg.eval, cfg.seed)
     s, per_item = zoo_process(cfg, generic, splits.zoo, train, val, work, window)
-    zoo["process_2_threads"], startup["process_2_threads"] = s, s["startup_s"]
+    zoo["process_2_threads"] = s
     # each worker must outlast the window: size its share from the plain process's pace,
     # allowing 1 CPU to be up to 1.4x faster than 2 threads on these tiny ops
     per_worker = math.ceil(1.4 * (window + 2 * per_item) / per_item) + 2
@@ -229,11 +257,14 @@ def main(argv: list[str] | None = None) -> None:
     from jobs.common import RayOptions, init_ray
     init_ray(RayOptions())
     for n in (1, 2):
-        s = zoo_ray(cfg, generic, splits.zoo[: n * per_worker], n, work, window)
-        zoo[f"workers_{n}"], startup[f"workers_{n}"] = s, s["startup_s"]
+        zoo[f"workers_{n}"] = zoo_ray(cfg, generic, splits.zoo[: n * per_worker], n, work,
+                                      window)
 
     from jobs.tune_dit import load_inputs
-    gen_cfg = load_config(args.config, ["train.steps=1000000"])
+    # every step calls on_checkpoint (the step clock); no val scoring; a far horizon
+    gen_cfg = load_config(args.config, overrides + ["train.steps=1000000",
+                                                    "train.checkpoint_every=1",
+                                                    "train.val_every=0"])
     (work / "zoo_workers_2" / "generic").symlink_to(generic_from)
     inputs, _ = load_inputs(gen_cfg, work / "zoo_workers_2")
     train_res = {"process_2_threads": train_process(gen_cfg, inputs, window)}
@@ -245,21 +276,16 @@ def main(argv: list[str] | None = None) -> None:
                 | {"startup_s": {k: v["startup_s"] for k, v in runs.items()},
                    "unit": unit, "runs": runs, "note": note})
 
-    result = {
+    return {
         "zoo": table(zoo, "p-models/s", f"demo zoo recipe ({args.config}); generic: "
                      f"{generic_from}; {per_worker} tasks per Ray worker"),
         "train": table(train_res, "samples/s", f"demo generator (global batch "
                        f"{gen_cfg.train.batch_size}) on the bench's own zoo of "
                        f"{inputs.zoo_flats.shape[0]} p-models (the 2-worker run's)"),
-        "window_s": window, "quick": args.quick,
+        "window_s": window, "quick": args.quick, "overrides": overrides,
         "ratios": {"zoo_workers_2_over_workers_1": _ratio(zoo, "workers_2", "workers_1"),
                    "zoo_workers_2_over_process": _ratio(zoo, "workers_2", "process_2_threads")},
-        "command": command, "git_commit": git_commit(), "machine": machine(),
-        "load_avg_1m": {"start": load_start[0], "end": os.getloadavg()[0]},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("zoo", "train", "ratios")}, default=str)[:2000])
 
 
 def _ratio(runs: dict, a: str, b: str) -> float | None:
@@ -267,7 +293,7 @@ def _ratio(runs: dict, a: str, b: str) -> float | None:
 
 
 def _generic(cfg: PipelineConfig, given: Path, train, val, space, work: Path):
-    """(generic model, has_row, its folder): `given` when it holds one, else 1 epoch here."""
+    """(generic model, its folder): `given` when it holds one, else trained for 1 epoch here."""
     from tina.pipeline import stage_generic
 
     if (given / "model.safetensors").is_file():
@@ -275,8 +301,7 @@ def _generic(cfg: PipelineConfig, given: Path, train, val, space, work: Path):
     else:
         cfg = dataclasses.replace(cfg, generic=dataclasses.replace(cfg.generic, max_epochs=1))
         folder = work / "generic_run" / "generic"
-    model, has_row = stage_generic(cfg, folder.parent, train, val, space)
-    return model, has_row, folder
+    return stage_generic(cfg, folder.parent, train, val, space)[0], folder
 
 
 if __name__ == "__main__":

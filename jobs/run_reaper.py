@@ -30,12 +30,19 @@ class RunRegistry:
 
     def __init__(self) -> None:
         self.runs: dict[str, list] = {}
+        self.ended: set[str] = set()
 
     def add(self, trial_id: str, controller, pg) -> None:
         self.runs.setdefault(trial_id, []).append((controller, pg))
 
     def pop(self, trial_id: str) -> list:
+        """The trial's runs, forgotten; the trial counts as reaped from now on."""
+        self.ended.add(trial_id)
         return self.runs.pop(trial_id, [])
+
+    def reaped(self, trial_id: str) -> bool:
+        """Whether `pop` ended this trial (its controller's death is then no failure)."""
+        return trial_id in self.ended
 
 
 class RegisterRun(WorkerGroupCallback):

@@ -164,11 +164,13 @@ def tuned_config(base: PipelineConfig, values: dict[str, Any]) -> PipelineConfig
 def with_rungs(cfg: PipelineConfig, rungs: int = 4) -> PipelineConfig:
     """`cfg` scoring val at `rungs` evenly spaced steps when it scores only at the end (ASHA
     needs intermediate scores); val steps must be checkpoint steps (tina.train)."""
-    if cfg.train.val_every > 0:
+    tc = cfg.train
+    if tc.val_every > 0:
         return cfg
-    every = max(1, cfg.train.steps // rungs)
-    return dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, val_every=every, checkpoint_every=every))
+    ckpt = tc.checkpoint_every or max(1, tc.steps // rungs)
+    every = max(ckpt, tc.steps // rungs // ckpt * ckpt)
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, val_every=every,
+                                                              checkpoint_every=ckpt))
 
 
 def trial_plan(opts: RayOptions, driver_cpus: float | None,
@@ -238,7 +240,8 @@ def _trial(values: dict, *, base: dict, inputs: GeneratorInputs, splits: Splits,
     except ray.exceptions.ActorDiedError:
         # the trial ended (ASHA) and jobs.run_reaper killed its controller: nothing to report,
         # and this (reused) trial actor must end cleanly to take the next trial
-        pass
+        if not ray.get(registry.reaped.remote(trial)):
+            raise
 
 
 def load_inputs(cfg: PipelineConfig, out: Path) -> tuple[GeneratorInputs, Splits]:
