@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             result = measure(cfg, args, overrides, Path(work), window, train, val, space)
         finally:
             import ray
-            ray.shutdown()  # the local cluster measure() started
+            ray.shutdown()  # the local cluster measure() started, if it still runs
     result |= {"command": command, "git_commit": git_commit(), "machine": machine(),
                "load_avg_1m": {"start": load_start[0], "end": os.getloadavg()[0]}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +254,8 @@ def measure(cfg: PipelineConfig, args: argparse.Namespace, overrides: list[str],
     # allowing 1 CPU to be up to 1.4x faster than 2 threads on these tiny ops
     per_worker = math.ceil(1.4 * (window + 2 * per_item) / per_item) + 2
 
+    import ray
+
     from jobs.common import RayOptions, init_ray
     init_ray(RayOptions())
     for n in (1, 2):
@@ -267,9 +269,9 @@ def measure(cfg: PipelineConfig, args: argparse.Namespace, overrides: list[str],
                                                     "train.val_every=0"])
     (work / "zoo_workers_2" / "generic").symlink_to(generic_from)
     inputs, _ = load_inputs(gen_cfg, work / "zoo_workers_2")
-    train_res = {"process_2_threads": train_process(gen_cfg, inputs, window)}
-    for n in (1, 2):
-        train_res[f"workers_{n}"] = train_ray(gen_cfg, inputs, n, work, window)
+    train_res = {f"workers_{n}": train_ray(gen_cfg, inputs, n, work, window) for n in (1, 2)}
+    ray.shutdown()  # the plain process runs alone, as the zoo's did (before Ray started)
+    train_res["process_2_threads"] = train_process(gen_cfg, inputs, window)
 
     def table(runs: dict, unit: str, note: str) -> dict:
         return ({k: round(v["rate"], 4) for k, v in runs.items()}
