@@ -99,7 +99,8 @@ def zoo_process(cfg: PipelineConfig, generic, tasks, train, val, work: Path,
         if done[-1] > done[0] + window_s:
             break
     gaps = [b - a for a, b in zip(done, done[1:], strict=False)]
-    return steady(zoo_stamps(store.root), launch, window_s), statistics.median(gaps)
+    per_item = statistics.median(gaps) if gaps else done[0] - launch
+    return steady(zoo_stamps(store.root), launch, window_s), per_item
 
 
 def zoo_ray(cfg: PipelineConfig, generic, tasks, workers: int, work: Path,
