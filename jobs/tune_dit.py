@@ -43,6 +43,7 @@ from tina.tasks import Splits
 from tina.train import GeneratorInputs
 
 METRIC = "val_acc"  # max(val_raw, val_ema) of a val step; to maximize
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (1 unit)
 
 # The search space, in one place: dotted config field -> {choice: [...]}, {loguniform: [lo, hi]},
 # {uniform: [lo, hi]}, {randint: [lo, hi]} (hi excluded), or a fixed value. --space-file (YAML,
@@ -299,7 +300,8 @@ def run_tune(cfg: PipelineConfig, out: str | Path, opts: RayOptions, space: dict
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), inputs=inputs, splits=splits,
                              out=str(out), opts=opts, registry=registry),
-        {"CPU": driver_cpus})
+        # Tune rejects an empty request: a driver without a CPU share runs on the head node
+        {"CPU": driver_cpus} if driver_cpus > 0 else {HEAD_NODE: 0.001})
     asha = ASHAScheduler(time_attr="step", max_t=cfg.train.steps,
                          grace_period=cfg.train.val_every, reduction_factor=reduction_factor)
     name = run_name("tune")
