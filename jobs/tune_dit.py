@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,130 +37,14 @@ import torch
 import yaml
 
 from jobs.common import RayOptions, add_args, config, init_ray, options, run_name
+from jobs.tune_space import SEARCH_SPACE, check_space, distribution, parse_space, tuned_config
 from tina.config import PipelineConfig, from_dict
-from tina.dit import PRESETS
 from tina.errors import ConfigError, TinaError
 from tina.tasks import Splits
 from tina.train import GeneratorInputs
 
 METRIC = "val_acc"  # max(val_raw, val_ema) of a val step; to maximize
 HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (1 unit)
-
-# The search space, in one place: dotted config field -> {choice: [...]}, {loguniform: [lo, hi]},
-# {uniform: [lo, hi]}, {randint: [lo, hi]} (hi excluded), or a fixed value. --space-file (YAML,
-# same form; a null value drops a field) and --space KEY=YAML override entries.
-SEARCH_SPACE: dict[str, Any] = {
-    "train.lr": {"loguniform": [1e-4, 1e-3]},
-    "dit.width": {"choice": [128, 256]},
-    "dit.depth": {"choice": [2, 4, 6]},
-    "tokens.chunk_size": {"choice": [64, 144, 576]},
-    "tokens.normalization": {"choice": ["layer", "global"]},
-    "train.ema_decay": {"choice": [0.99, 0.999, 0.9999]},
-    # sampling settings: they change only the val scoring of a trial, never its training
-    "sample.guidance": {"choice": [1.0, 1.5, 2.0]},
-    "sample.steps": {"choice": [10, 20, 50]},
-}
-
-
-def parse_space(base: dict[str, Any], overrides: list[str] | None = None,
-                space_file: str | Path | None = None) -> dict[str, Any]:
-    """`base` updated with a YAML file's entries and `KEY=YAML` overrides (null drops a key).
-
-    Raises:
-        ConfigError: unreadable file, an override without '=', or a malformed distribution.
-    """
-    space = dict(base)
-    updates: dict[str, Any] = {}
-    if space_file is not None:
-        p = Path(space_file)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"search space file {p}: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"search space file {p}: expected a mapping of dotted fields")
-        updates |= loaded
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--space {item!r}: expected key.sub=YAML, "
-                              "e.g. 'dit.depth={choice: [4, 6]}' or train.lr=3e-4")
-        key, raw = item.split("=", 1)
-        updates[key.strip()] = yaml.safe_load(raw)
-    for key, spec in updates.items():
-        if spec is None:
-            space.pop(key, None)
-        else:
-            space[key] = spec
-    for key, spec in space.items():
-        _distribution(key, spec)  # validates
-    return space
-
-
-def _distribution(key: str, spec: Any):
-    """One search-space entry as a Tune domain (or the fixed value itself)."""
-    from ray import tune
-
-    if not isinstance(spec, dict):
-        return spec
-    if len(spec) != 1:
-        raise ConfigError(f"search space {key}: one of choice/loguniform/uniform/randint, "
-                          f"got {spec!r}")
-    (kind, args), = spec.items()
-    if kind == "choice" and isinstance(args, list) and args:
-        return tune.choice(args)
-    if kind in ("loguniform", "uniform", "randint") and isinstance(args, list) and len(args) == 2:
-        try:
-            lo, hi = (float(a) for a in args)  # PyYAML reads 1e-4 as a string
-        except (TypeError, ValueError):
-            raise ConfigError(f"search space {key}: {kind} bounds must be numbers") from None
-        if kind == "randint":
-            return tune.randint(int(lo), int(hi))
-        return (tune.loguniform if kind == "loguniform" else tune.uniform)(lo, hi)
-    raise ConfigError(f"search space {key}: {kind} needs a non-empty list (choice) or [lo, hi]")
-
-
-def _values(spec: Any) -> list:
-    """The values a search-space entry can take, [] for a continuous range."""
-    if not isinstance(spec, dict):
-        return [spec]
-    return list(spec.get("choice", []))
-
-
-def _check_space(cfg: PipelineConfig, space: dict[str, Any]) -> None:
-    """Fail before any trial starts: unknown fields, mistyped values, a width that some head
-    count does not divide. Raises ConfigError."""
-    tuned_config(cfg, {k: _values(v)[0] for k, v in space.items() if _values(v)})
-    heads = PRESETS[cfg.dit.preset][2] if cfg.dit.preset else cfg.dit.heads
-    for w in _values(space["dit.width"]) if "dit.width" in space else []:
-        for h in _values(space.get("dit.heads", heads)):
-            if int(w) % int(h):
-                raise ConfigError(f"search space dit.width: {w} is not a multiple of "
-                                  f"dit.heads {h}")
-
-
-def tuned_config(base: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
-    """`base` with dotted fields set to `values` (a trial's config).
-
-    A tuned dit.width/depth/heads turns a preset into its explicit sizes (the preset would
-    override them); a tuned sample.steps also sets train.val_sample_steps, the steps of the
-    in-training val scoring. Raises ConfigError for an unknown field or a mistyped value.
-    """
-    d = base.to_dict()
-    if d["dit"]["preset"] is not None and {"dit.width", "dit.depth", "dit.heads"} & set(values):
-        d["dit"]["width"], d["dit"]["depth"], d["dit"]["heads"] = PRESETS[d["dit"]["preset"]]
-        d["dit"]["preset"] = None
-    for key, value in values.items():
-        node, parts = d, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"search space {key}: {part} is not a config section")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"search space {key}: unknown config field")
-        node[parts[-1]] = value
-    if "sample.steps" in values:
-        d["train"]["val_sample_steps"] = d["sample"]["steps"]
-    return from_dict(d)
 
 
 def with_rungs(cfg: PipelineConfig, rungs: int = 4) -> PipelineConfig:
@@ -222,10 +107,14 @@ def _val_callback():
 
 
 def _trial(values: dict, *, base: dict, inputs: GeneratorInputs, splits: Splits, out: str,
-           opts: RayOptions, registry) -> None:
+           opts: RayOptions, registry, env: dict[str, str]) -> None:
     """The driver function of one trial: fit train_dit's trainer on the trial's config."""
     import ray
     import ray.tune
+
+    # Ray Train takes its settings (worker start timeout, controller polling) from the
+    # environment of the process that calls fit(): this trial actor's, not the Tune driver's
+    os.environ.update(env)
 
     from jobs.run_reaper import RegisterRun
     from jobs.train_dit import dit_trainer
@@ -292,21 +181,23 @@ def run_tune(cfg: PipelineConfig, out: str | Path, opts: RayOptions, space: dict
 
     out = Path(out).resolve()
     cfg = with_rungs(cfg)
-    _check_space(cfg, space)
+    check_space(cfg, space)
     init_ray(opts)
     driver_cpus, concurrent = trial_plan(opts, driver_cpus, max_concurrent)
     inputs, splits = load_inputs(cfg, out)
     registry = RunRegistry.remote()
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), inputs=inputs, splits=splits,
-                             out=str(out), opts=opts, registry=registry),
+                             out=str(out), opts=opts, registry=registry,
+                             env={k: v for k, v in os.environ.items()
+                                  if k.startswith("RAY_TRAIN_")}),
         # Tune rejects an empty request: a driver without a CPU share runs on the head node
         {"CPU": driver_cpus} if driver_cpus > 0 else {HEAD_NODE: 0.001})
     asha = ASHAScheduler(time_attr="step", max_t=cfg.train.steps,
                          grace_period=cfg.train.val_every, reduction_factor=reduction_factor)
     name = run_name("tune")
     tuner = tune.Tuner(
-        trainable, param_space={k: _distribution(k, v) for k, v in space.items()},
+        trainable, param_space={k: distribution(k, v) for k, v in space.items()},
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", scheduler=asha, num_samples=num_samples,
             # TuneConfig(max_concurrent_trials=n) is ignored beside a search_alg that is not a
@@ -360,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="trials at a time (default: as many as the cluster's CPUs fit)")
     p.add_argument("--driver-cpus", type=float, default=None,
                    help="CPUs reserved per trial's driver (default: 1 if one is spare, else 0)")
-    p.add_argument("--space-file", default=None, help="YAML search space entries (see module doc)")
+    p.add_argument("--space-file", default=None, help="YAML search space entries (see jobs/tune_space.py)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=YAML",
                    help="a search space entry, e.g. 'train.lr={loguniform: [1e-4, 1e-3]}'")
     p.add_argument("--best-config", default=None, help="where to write the best config "

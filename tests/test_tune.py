@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from jobs.common import RayOptions
-from jobs.tune_dit import METRIC, SEARCH_SPACE, parse_space, run_tune, trial_plan
+from jobs.tune_dit import METRIC, run_tune, trial_plan
+from jobs.tune_space import SEARCH_SPACE, parse_space
 from tina.config import load_config
 from tina.errors import ConfigError
 
