@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="trials at a time (default: as many as the cluster's CPUs fit)")
     p.add_argument("--driver-cpus", type=float, default=None,
                    help="CPUs reserved per trial's driver (default: 1 if one is spare, else 0)")
-    p.add_argument("--space-file", default=None, help="YAML search space entries (see jobs/tune_space.py)")
+    p.add_argument("--space-file", default=None,
+                   help="YAML search space entries (see jobs/tune_space.py)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=YAML",
                    help="a search space entry, e.g. 'train.lr={loguniform: [1e-4, 1e-3]}'")
     p.add_argument("--best-config", default=None, help="where to write the best config "
