@@ -14,7 +14,9 @@ builds the train_dit `TorchTrainer` of the trial's config and fits it, with a
 `TuneReportCallback` in its RunConfig that forwards rank 0's val-step results. The objective
 "val_acc" is max(val_raw, val_ema): the mean accuracy of models generated for the first
 train.val_tasks `val` tasks (the score train_dit selects its checkpoint by; never test). ASHA
-stops trials at rungs of training steps ("step"). Trials run at most `max_concurrent` at a time,
+stops trials at rungs of training steps ("step": the val steps, train.val_every; a config that
+scores val only at the end gets 4), and jobs.run_reaper frees a stopped trial's workers. The
+search space and its overrides: jobs/tune_space.py. Trials run at most `max_concurrent` at a time,
 bounded so that trials x (driver + workers) CPUs fit the cluster: otherwise drivers could hold
 every CPU while their trainers wait for workers (a deadlock on a 2-CPU machine).
 
