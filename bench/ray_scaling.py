@@ -279,10 +279,11 @@ def measure(cfg: PipelineConfig, args: argparse.Namespace, overrides: list[str],
                 | {"startup_s": {k: v["startup_s"] for k, v in runs.items()},
                    "unit": unit, "runs": runs, "note": note})
 
+    recipe = f" with {overrides}" if overrides else ""
     return {
-        "zoo": table(zoo, "p-models/s", f"demo zoo recipe ({args.config}); generic: "
+        "zoo": table(zoo, "p-models/s", f"zoo recipe of {args.config}{recipe}; generic: "
                      f"{generic_from}; {per_worker} tasks per Ray worker"),
-        "train": table(train_res, "samples/s", f"demo generator (global batch "
+        "train": table(train_res, "samples/s", f"generator of {args.config}{recipe} (batch "
                        f"{gen_cfg.train.batch_size}) on the bench's own zoo of "
                        f"{inputs.zoo_flats.shape[0]} p-models (the 2-worker run's)"),
         "window_s": window, "quick": args.quick, "overrides": overrides,
