@@ -3,7 +3,8 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DATA   := $(or $(TINA_DATA_DIR),data)
+# absolute: Ray Tune runs each trial in a directory of its own
+DATA   := $(abspath $(or $(TINA_DATA_DIR),data))
 DATA_STAMP := $(DATA)/.ready
 BROWSER := $(VENV)/.browser
 CONFIG ?= configs/demo.yaml

@@ -38,7 +38,15 @@ from typing import Any
 import torch
 import yaml
 
-from jobs.common import RayOptions, add_args, config, init_ray, options, run_name
+from jobs.common import (
+    RayOptions,
+    add_args,
+    config,
+    init_ray,
+    options,
+    run_name,
+    worker_config,
+)
 from jobs.tune_space import SEARCH_SPACE, check_space, distribution, parse_space, tuned_config
 from tina.config import PipelineConfig, from_dict
 from tina.errors import ConfigError, TinaError
@@ -189,7 +197,8 @@ def run_tune(cfg: PipelineConfig, out: str | Path, opts: RayOptions, space: dict
     inputs, splits = load_inputs(cfg, out)
     registry = RunRegistry.remote()
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), inputs=inputs, splits=splits,
+        # worker_config: the data root made absolute (Tune runs each trial in its own directory)
+        tune.with_parameters(_trial, base=worker_config(cfg), inputs=inputs, splits=splits,
                              out=str(out), opts=opts, registry=registry,
                              env={k: v for k, v in os.environ.items()
                                   if k.startswith("RAY_TRAIN_")}),
@@ -226,7 +235,7 @@ def run_tune(cfg: PipelineConfig, out: str | Path, opts: RayOptions, space: dict
             "val_acc": float(hist[METRIC].max()) if scored else None,
             "stopped_early": r.error is None and (r.metrics or {}).get("step",
                                                                        0) < cfg.train.steps,
-            "error": None if r.error is None else str(r.error).splitlines()[0]})
+            "error": None if r.error is None else str(r.error).strip().splitlines()[-1]})
     if all(t["val_acc"] is None for t in trials):
         raise TinaError(f"no trial reported a val score (errors: "
                         f"{[t['error'] for t in trials]}); see {opts.storage(out)}/{name}")
