@@ -14,7 +14,7 @@ import argparse
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,13 +32,26 @@ class RayOptions:
     """Where and how wide the Ray Train runs of a job go."""
 
     address: str | None = None  # None: RAY_ADDRESS, else a new local cluster
-    num_workers: int = 2  # training workers per run (the generic model always gets 1)
+    num_workers: int = 2  # training workers per run (the generic model: 1 with all their CPUs)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # also each worker's torch threads (at least 1)
     storage_path: str | None = None  # Ray Train storage; None: <out>/ray
     max_failures: int = 1  # worker-group restarts allowed per run (FailureConfig)
     pid_dir: str | None = None  # if set, each generator-training worker writes rank<r>.json
     start_timeout_s: float = 300.0  # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless already set
+    generator_workers: int | None = None  # the pipeline's generator run; None: see for_generator
+
+    def for_generator(self) -> RayOptions:
+        """The placement of the pipeline's generator run: `generator_workers` DDP workers sharing
+        the CPUs of `num_workers` (so the run holds what the zoo run held).
+
+        Unset, that is `num_workers` with GPUs but one worker without: on CPU the gloo all-reduce
+        of the denoiser's gradients costs more than a second worker gains (two 1-CPU workers
+        73.6 samples/s vs one 2-thread process 101.3: bench/results/ray_scaling.json).
+        """
+        n = self.generator_workers or (self.num_workers if self.use_gpu else 1)
+        return replace(self, num_workers=n,
+                       cpus_per_worker=self.num_workers * self.cpus_per_worker / n)
 
     def storage(self, out: str | Path) -> str:
         """Absolute storage path (Ray Train requires one; URIs pass through)."""
@@ -64,6 +77,9 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Ray Train storage (default <out>/ray; s3://... or NFS on clusters)")
     p.add_argument("--max-failures", type=int, default=1,
                    help="worker-group restarts per run, resumed from the latest checkpoint")
+    p.add_argument("--generator-workers", type=int, default=None,
+                   help="DDP workers of the pipeline's generator run, sharing the CPUs of "
+                        "--num-workers (default: --num-workers with --use-gpu, else 1)")
     return p
 
 
@@ -71,7 +87,7 @@ def options(args: argparse.Namespace) -> RayOptions:
     """RayOptions from parsed `add_args` flags."""
     return RayOptions(address=args.address, num_workers=args.num_workers, use_gpu=args.use_gpu,
                       cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path,
-                      max_failures=args.max_failures)
+                      max_failures=args.max_failures, generator_workers=args.generator_workers)
 
 
 def config(args: argparse.Namespace) -> PipelineConfig:

@@ -5,7 +5,8 @@
         --out runs/demo --address auto
 
 generic model (1 worker, jobs.train_generic) -> zoo (N workers, jobs.build_zoo) -> image encoder
-(driver) -> generator (N DDP workers, jobs.train_dit) -> evaluation and report (driver):
+(driver) -> generator (jobs.train_dit: N DDP workers with GPUs; on CPU one worker with their
+CPUs, `RayOptions.for_generator`) -> evaluation and report (driver):
 `tina.pipeline.run_pipeline` with `ray_stages(...)`, so everything but the three training stages
 is the plain pipeline's own code, and a re-run skips finished stages the same way.
 """
@@ -27,9 +28,10 @@ from tina.pipeline import Stages, run_pipeline
 
 
 def ray_stages(opts: RayOptions, out: str | Path) -> Stages:
-    """The pipeline's three training stages as Ray Train runs placed by `opts`."""
+    """The pipeline's three training stages as Ray Train runs placed by `opts` (the generator's
+    by `opts.for_generator()`)."""
     return Stages(generic=partial(stage_generic_ray, opts), zoo=partial(stage_zoo_ray, opts),
-                  generator=trainer_on_ray(opts, out))
+                  generator=trainer_on_ray(opts.for_generator(), out))
 
 
 def run_ray_pipeline(cfg: PipelineConfig, out: str | Path, opts: RayOptions,

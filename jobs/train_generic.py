@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,13 +55,15 @@ def _train_loop(config: dict) -> None:
 
 def generic_trainer(cfg: PipelineConfig, out: str | Path, opts: RayOptions,
                     name: str | None = None):
-    """A one-worker TorchTrainer that trains the generic model of `cfg`."""
+    """A one-worker TorchTrainer that trains the generic model of `cfg` with the CPUs of
+    opts.num_workers workers (one model, one data stream: nothing to shard)."""
     from ray.train.torch import TorchTrainer
 
+    one = replace(opts, num_workers=1, cpus_per_worker=opts.num_workers * opts.cpus_per_worker)
     return TorchTrainer(_train_loop,
                         train_loop_config={"cfg": worker_config(cfg),
-                                           "cpus": opts.cpus_per_worker},
-                        scaling_config=scaling(opts, num_workers=1),
+                                           "cpus": one.cpus_per_worker},
+                        scaling_config=scaling(one),
                         run_config=run_config(opts, out, name or run_name("generic")))
 
 

@@ -39,7 +39,7 @@ RAY_SET = ["train.steps=24", "train.checkpoint_every=6", "train.val_every=12",
 
 @pytest.fixture(scope="module")
 def ray_run(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """tests/tiny.yaml through jobs.pipeline (generic: 1 worker; zoo, generator: 2 workers)."""
+    """tests/tiny.yaml through jobs.pipeline (zoo: 2 workers; generic, generator: 1 of 2 CPUs)."""
     out = tmp_path_factory.mktemp("ray_pipeline")
     cfg = load_config(TINY, RAY_SET)
     opts = RayOptions(address=ray_cluster["address"], num_workers=2,
@@ -210,3 +210,13 @@ def test_the_ray_pipeline_is_recorded_in_mlflow_with_a_registered_generator(ray_
     want = gen.generate([["Sandal", "digit 3"]], [7])[0]
     got = torch.tensor(out["params"] if isinstance(out, dict) else out.params)
     assert torch.equal(got, torch.cat([v.reshape(-1) for v in want.state_dict().values()]))
+
+
+def test_the_generator_run_holds_the_zoo_runs_cpus() -> None:
+    # on CPU one worker with every CPU (DDP measured slower); with GPUs DDP over num_workers
+    cpu = RayOptions(num_workers=4, cpus_per_worker=0.5).for_generator()
+    assert (cpu.num_workers, cpu.cpus_per_worker) == (1, 2.0)
+    gpu = RayOptions(num_workers=4, use_gpu=True).for_generator()
+    assert (gpu.num_workers, gpu.cpus_per_worker) == (4, 1.0)
+    two = RayOptions(num_workers=2, generator_workers=2).for_generator()
+    assert (two.num_workers, two.cpus_per_worker) == (2, 1.0)

@@ -1,7 +1,7 @@
 """`tina` command line: pipeline, generate, serve, request.
 
     tina pipeline --config configs/demo.yaml --out runs/demo [--seed 1] [--set train.steps=500]
-        [--num-workers 2] [--address ADDR] [--no-ray]
+        [--num-workers 2] [--generator-workers N] [--address ADDR] [--no-ray]
     tina generate --checkpoint runs/demo/generator --class sneaker --class "T-shirt/top" --out m/
     tina serve --checkpoint runs/demo/generator [--port 8000] [--set max_batch_size=16]
     tina request --url http://127.0.0.1:8000 --classes "sneaker,bag" --out model.safetensors
@@ -34,7 +34,8 @@ def _pipeline(args: argparse.Namespace) -> None:
         from jobs.common import RayOptions
         from jobs.pipeline import run_ray_pipeline
 
-        opts = RayOptions(address=args.address, num_workers=args.num_workers)
+        opts = RayOptions(address=args.address, num_workers=args.num_workers,
+                          generator_workers=args.generator_workers)
         report = run_ray_pipeline(cfg, args.out, opts, command, config_path=args.config)
     print(f"report written to {Path(args.out) / 'report.json'} "
           f"({report['timing']['pipeline_wall_s']:.0f} s)")
@@ -151,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--address", default=None,
                     help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     pp.add_argument("--num-workers", type=int, default=2,
-                    help="Ray Train workers of the zoo and generator runs")
+                    help="Ray Train workers of the zoo run (1 CPU each)")
+    pp.add_argument("--generator-workers", type=int, default=None,
+                    help="DDP workers of the generator run, sharing the zoo run's CPUs "
+                         "(default: 1 on CPU, where DDP measured slower; see README)")
     pp.add_argument("--no-ray", action="store_true",
                     help="train every stage in this process instead of as Ray Train runs")
     pp.set_defaults(fn=_pipeline)
