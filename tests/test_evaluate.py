@@ -128,7 +128,8 @@ def tiny_cfg() -> PipelineConfig:
     cfg.sample = SampleConfig(sampler="ddim", steps=5)
     cfg.eval = EvalConfig(n_val=2, n_id=2, n_ood=3, n_unseen=2, n_variable_k=2,
                           variable_ks=[2, K], seeds=[0, 1], image_draws=2, n_ddpm_tasks=2,
-                          guidance_grid=[1.0, 2.0], steps_grid=[3, 5], bootstrap=100)
+                          guidance_grid=[1.0, 2.0], steps_grid=[3, 5],
+                          residual_scale_grid=[1.0, 0.5], bootstrap=100)
     return cfg
 
 
@@ -170,14 +171,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvalContext, dict, di
     return ctx, choice, evaluate(ctx, choice, progress=False)
 
 
-def test_select_on_val_is_greedy_over_ema_then_guidance_then_steps(run):
+def test_select_on_val_is_greedy_over_ema_guidance_steps_then_residual_scale(run):
     ctx, choice, _ = run
-    tried = [(g["use_ema"], g["guidance"], g["steps"]) for g in choice["grid"]]
-    assert tried[:2] == [(True, 1.0, 5), (False, 1.0, 5)]  # default first, then raw weights
-    assert tried[2][1:] == (2.0, 5) and tried[3][1:] == (choice["guidance"], 3)
-    assert len(tried) == len(set(tried)) == 4  # a configuration is never sampled twice
+    keys = ("use_ema", "guidance", "steps", "residual_scale")
+    tried = [tuple(g[k] for k in keys) for g in choice["grid"]]
+    assert tried[:2] == [(True, 1.0, 5, 1.0), (False, 1.0, 5, 1.0)]  # default, then raw weights
+    assert tried[2][1:] == (2.0, 5, 1.0) and tried[3][1:] == (choice["guidance"], 3, 1.0)
+    assert tried[4][1:] == (choice["guidance"], choice["steps"], 0.5)
+    assert len(tried) == len(set(tried)) == 5  # a configuration is never sampled twice
     assert choice["val_acc"] == max(g["val_acc"] for g in choice["grid"])
-    assert (choice["use_ema"], choice["guidance"], choice["steps"]) in tried
+    assert tuple(choice[k] for k in keys) in tried
 
 
 def test_evaluate_reports_every_split_with_null_where_a_method_does_not_apply(run):

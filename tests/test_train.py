@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from tina.backbones import HEAD_BIAS, HEAD_WEIGHT, ParamLayout, build_model
 from tina.conditioning import Conditioner
 from tina.config import DiffusionConfig, DiTConfig, PipelineConfig, SampleConfig, TrainConfig
-from tina.errors import CheckpointError
+from tina.errors import CheckpointError, PromptError
 from tina.generate import Generator
-from tina.tokens import ParamTokenizer, ResidualBase
+from tina.tokens import ParamTokenizer, ResidualBase, pad_rows
 from tina.train import Batcher, ema_update, fit_targets, lr_at, train_generator
 from tina.zoo import ZooEntry, ZooStore
 
@@ -381,3 +381,22 @@ def test_generation_never_reads_the_zoo(trained: dict) -> None:
     x = torch.rand(5, 1, 28, 28)
     assert [tuple(m(x).shape) for m in models] == [(5, 2), (5, 3)]
     assert all(bool(torch.isfinite(weights(m)).all()) for m in models)
+
+
+def test_residual_scale_interpolates_toward_the_generic_model_except_unseen_rows(
+        trained: dict) -> None:
+    gen = trained["gen"]
+    c = gen.text_conditioning([["alpha", "bravo"], ["foxtrot", "charlie", "zulu"]])
+    full, none, half = (gen.sample(c, [0, 1], residual_scale=a) for a in (1.0, 0.0, 0.5))
+    base = pad_rows(gen.layout, gen.base(c.row_source), c.k)
+    rows = gen.layout.row_index()  # (K_max, d + 1)
+    body = torch.ones(full.shape[1], dtype=torch.bool)
+    body[rows.reshape(-1)] = False
+    assert torch.equal(none[:, body], base[:, body])  # the generic body exactly
+    for b, i in itertools.product(range(2), range(gen.k_max)):
+        want = full if bool(c.flag[b, i]) else base  # unseen rows keep their generated row
+        assert torch.equal(none[b, rows[i]], want[b, rows[i]])
+    assert c.flag.sum() == 2  # foxtrot (held out) and zulu (free text)
+    torch.testing.assert_close(half, (full + none) / 2)  # linear in the scale
+    with pytest.raises(PromptError, match="residual_scale"):
+        gen.sample(c, [0, 1], residual_scale=1.5)

@@ -69,6 +69,7 @@ def _generate(args: argparse.Namespace) -> None:
         "sampler": args.sampler or meta["sample"]["sampler"],
         "steps": args.steps if args.steps is not None else meta["sample"]["steps"],
         "guidance": args.guidance if args.guidance is not None else meta["sample"]["guidance"],
+        "residual_scale": meta["sample"].get("residual_scale", 1.0),
     }
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(out / "model.safetensors"), metadata={"classes": json.dumps(names)})

@@ -147,6 +147,10 @@ class SampleConfig:
     sampler: str = "ddim"  # ddim | ddpm
     steps: int = 50  # sampler steps (DDPM always uses all diffusion steps)
     guidance: float = 1.0  # classifier-free guidance scale; 1 = none
+    # residual scale a: generic + a * generated residual, weight-space interpolation toward the
+    # model every p-model started from (WiSE-FT, Wortsman et al. 2022); 1 = the sample itself.
+    # Rows of classes without a generic row keep a = 1 (their base is only a neighbour's row)
+    residual_scale: float = 1.0
     use_ema: bool = True
 
 
@@ -162,6 +166,7 @@ class EvalConfig:
     image_draws: int = 3
     n_ddpm_tasks: int = 30  # ood tasks also scored with 1000-step DDPM
     guidance_grid: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0])
+    residual_scale_grid: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     steps_grid: list[int] = field(default_factory=lambda: [20, 50])
     bootstrap: int = 2000
     seed: int = 0

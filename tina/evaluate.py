@@ -82,7 +82,8 @@ def _opts(choice: dict, cfg: PipelineConfig, sampler: str | None = None) -> dict
     """Generator.sample keyword arguments of a choice (DDPM always runs every diffusion step)."""
     sampler = sampler or choice.get("sampler", cfg.sample.sampler)
     return {"sampler": sampler, "steps": choice["steps"] if sampler == "ddim" else None,
-            "guidance": float(choice["guidance"]), "use_ema": bool(choice["use_ema"])}
+            "guidance": float(choice["guidance"]), "use_ema": bool(choice["use_ema"]),
+            "residual_scale": float(choice.get("residual_scale", 1.0))}
 
 
 def _evaluator(ctx: EvalContext, progress: bool) -> Evaluator:
@@ -135,26 +136,30 @@ def score_on_val(gen: Generator, tasks: list[Task], val: ImageSet, steps: int, s
 
 
 def select_on_val(ctx: EvalContext, progress: bool = True) -> dict:
-    """Choose EMA or raw weights, guidance scale and DDIM steps by mean tina accuracy on `val`.
+    """Choose EMA or raw weights, guidance scale, DDIM steps and residual scale by mean tina
+    accuracy on `val`.
 
-    Greedy, one seed (cfg.eval.seeds[0]): EMA vs raw at the configured guidance and steps, then
-    each guidance of cfg.eval.guidance_grid, then each steps of cfg.eval.steps_grid (DDIM only);
-    a candidate replaces the current choice only when strictly better.
+    Greedy, one seed (cfg.eval.seeds[0]): EMA vs raw at the configured settings, then each
+    guidance of cfg.eval.guidance_grid, each steps of cfg.eval.steps_grid (DDIM only), each
+    residual scale of cfg.eval.residual_scale_grid (residual generators only); a candidate
+    replaces the current choice only when strictly better.
     Returns:
-        {"use_ema", "guidance", "steps", "sampler", "grid": [{"use_ema", "guidance", "steps",
-        "val_acc"}, ...]}.
+        {"use_ema", "guidance", "steps", "residual_scale", "sampler", "grid": [{"use_ema",
+        "guidance", "steps", "residual_scale", "val_acc"}, ...]}.
     """
     cfg, ev = ctx.cfg, _evaluator(ctx, progress)
     best = {"use_ema": cfg.sample.use_ema, "guidance": float(cfg.sample.guidance),
-            "steps": cfg.sample.steps, "sampler": cfg.sample.sampler}
+            "steps": cfg.sample.steps, "residual_scale": float(cfg.sample.residual_scale),
+            "sampler": cfg.sample.sampler}
+    keys = ("use_ema", "guidance", "steps", "residual_scale")
     grid: list[dict] = []
 
     def trial(cand: dict) -> float:
         for g in grid:
-            if all(g[k] == cand[k] for k in ("use_ema", "guidance", "steps")):
+            if all(g[k] == cand[k] for k in keys):
                 return g["val_acc"]
         acc = _val_tina(ev, _opts(cand, cfg))
-        grid.append({k: cand[k] for k in ("use_ema", "guidance", "steps")} | {"val_acc": acc})
+        grid.append({k: cand[k] for k in keys} | {"val_acc": acc})
         return acc
 
     if not ctx.splits.val:  # nothing to choose with: keep the configured sampling
@@ -163,6 +168,8 @@ def select_on_val(ctx: EvalContext, progress: bool = True) -> dict:
     stages = [("use_ema", [not best["use_ema"]]), ("guidance", cfg.eval.guidance_grid)]
     if cfg.sample.sampler == "ddim":
         stages.append(("steps", cfg.eval.steps_grid))
+    if ctx.generator.residual:
+        stages.append(("residual_scale", cfg.eval.residual_scale_grid))
     for name, values in stages:
         for v in values:
             cand = best | {name: v}

@@ -184,7 +184,8 @@ class Generator:
     @torch.no_grad()
     def sample(self, c: Conditioning, seeds: list[int], sampler: str | None = None,
                steps: int | None = None, guidance: float | None = None,
-               use_ema: bool | None = None, null: bool = False) -> torch.Tensor:
+               use_ema: bool | None = None, null: bool = False,
+               residual_scale: float | None = None) -> torch.Tensor:
         """One batched sampler call from N(0, I).
 
         Args:
@@ -192,8 +193,12 @@ class Generator:
             sampler: "ddim" or "ddpm" (default: the checkpoint's); steps: DDIM steps;
             guidance: classifier-free guidance scale (1 = none); null: sample with the null
                 prompt and no generic rows (the `unconditional` sanity check).
+            residual_scale: a in generic + a * residual (`interpolate_residual`); default the
+                checkpoint's (val-selected), 1 = the sample itself.
         Returns:
             flat (B, P) float32 parameters of K_max-row models; rows [k_b, K_max) are zero.
+        Raises:
+            PromptError: bad steps, guidance or residual_scale.
         """
         s = self.meta["sample"]
         sampler = sampler or s["sampler"]
@@ -203,6 +208,10 @@ class Generator:
             raise PromptError(f"steps: {steps} is outside [1, {self.diffusion.steps}]")
         if not math.isfinite(guidance) or guidance < 0:
             raise PromptError(f"guidance: {guidance} must be a finite number >= 0 (1 = none)")
+        scale = s.get("residual_scale", 1.0) if residual_scale is None else residual_scale
+        if not 0 <= scale <= 1 or (scale != 1 and not self.residual):
+            raise PromptError(f"residual_scale: {scale} must be in [0, 1] (and 1 for a "
+                              "generator of raw parameters)")
         net = self.parts.ema if (s["use_ema"] if use_ema is None else use_ema) else self.parts.dit
         b = len(seeds)
         shape = (self.tokenizer.n_tokens, self.tokenizer.token_len)
@@ -219,7 +228,7 @@ class Generator:
         flat = self.parts.normalizer.denormalize(self.tokenizer.detokenize(x0), c.flag)
         if self.residual:
             rs = torch.full_like(c.row_source, -1) if null else c.row_source
-            flat = flat + self.base(rs)
+            flat = interpolate_residual(self.layout, flat, c.flag, scale) + self.base(rs)
         return pad_rows(self.layout, flat, c.k)
 
     def to_module(self, flat: torch.Tensor, k: int) -> SmallCNN:
@@ -262,6 +271,28 @@ def load_generator(path: str | Path) -> Generator:
                               "(e.g. runs/demo/generator)")
     enc_cfg = EncoderConfig(**json.loads(meta_p.read_text())["config"]["encoder"])
     return Generator.from_checkpoint(path, build_encoder(enc_cfg))
+
+
+def interpolate_residual(layout: ParamLayout, residual: torch.Tensor, flag: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """`scale` * residual, except on the head rows of flagged classes (kept whole).
+
+    Adding it to the residual base gives (1 - a) * base + a * sample: WiSE-FT's weight-space
+    interpolation between the starting model and the fine-tuned one (Wortsman et al. 2022, eq. 1),
+    with the generic model as the start of every p-model. A class without a generic row has a
+    neighbour's row as its base, which is no model of that class to fall back on.
+    Args:
+        residual: (B, P) float32; flag: (B, K_max) bool, True = class without a generic row.
+    Returns:
+        (B, P) float32.
+    """
+    if scale == 1.0:
+        return residual
+    w = torch.full_like(residual, scale)
+    rows = layout.row_index()  # (K_max, d + 1) indices of each head row's values
+    w[:, rows.reshape(-1)] = torch.where(flag, 1.0, scale)[..., None].expand(
+        -1, -1, rows.shape[1]).reshape(len(w), -1)
+    return residual * w
 
 
 def create_diffusion_from_meta(meta: dict[str, Any]) -> GaussianDiffusion:

@@ -267,6 +267,7 @@ def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
     choice = timed("select_on_val", select_on_val, ctx)
     # the val-selected sampler settings become the checkpoint's defaults (serving uses them)
     gen.meta["sample"] |= {"steps": choice["steps"], "guidance": choice["guidance"],
+                           "residual_scale": choice["residual_scale"],
                            "use_ema": choice["use_ema"]}
     (out / "generator" / "tina.json").write_text(json.dumps(gen.meta, indent=2))
     split_results = timed("evaluate", evaluate, ctx, choice)
@@ -278,6 +279,7 @@ def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
         "n_zoo": len(zoo_entries), "held_out_classes": cfg.data.held_out,
         "forbidden_pairs": cfg.data.forbidden_pairs, "sampler": cfg.sample.sampler,
         "steps": choice["steps"], "guidance": choice["guidance"], "use_ema": choice["use_ema"],
+        "residual_scale": choice["residual_scale"],
         "val_selection": choice, "seeds": cfg.eval.seeds, "seed": cfg.seed,
         "git_commit": git_commit(), "command": command, "machine": machine(),
         "sha256": {"config": cfg.sha256(),

@@ -168,7 +168,9 @@ def _markdown(report: dict, verdicts: dict, plots: list[str]) -> str:
              f"K_max {r.get('k_max')}; zoo of {r.get('n_zoo')} p-models; encoder "
              f"{r.get('encoder')}.",
              f"Sampler {r.get('sampler')}, {r.get('steps')} steps, guidance {r.get('guidance')}"
-             f", EMA weights: {r.get('use_ema')}; evaluation seeds {r.get('seeds')}; master seed "
+             f", residual scale {r.get('residual_scale', 1.0)} (1 = the sample itself; below 1 "
+             "interpolates toward the generic model, chosen on val), EMA weights: "
+             f"{r.get('use_ema')}; evaluation seeds {r.get('seeds')}; master seed "
              f"{r.get('seed')}; commit {r.get('git_commit')}.", "",
              "Held-out classes (in no zoo task, nor in generic or image-encoder training): "
              + ", ".join(f"`{c}`" for c in r.get("held_out_classes") or []) + ".",
@@ -183,12 +185,14 @@ def _markdown(report: dict, verdicts: dict, plots: list[str]) -> str:
                   f"**{_verdict(verdicts['goals_pass'])}**.", ""]
     sel = r.get("val_selection") or {}
     if sel.get("grid"):
-        lines += ["## Choices made on val", "", "| EMA | guidance | steps | val accuracy |",
-                  "|---|---|---|---|"]
-        lines += [f"| {g['use_ema']} | {g['guidance']} | {g['steps']} | {_f(g['val_acc'])} |"
-                  for g in sel["grid"]]
+        lines += ["## Choices made on val", "",
+                  "| EMA | guidance | steps | residual scale | val accuracy |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {g['use_ema']} | {g['guidance']} | {g['steps']} | "
+                  f"{g.get('residual_scale', 1.0)} | {_f(g['val_acc'])} |" for g in sel["grid"]]
         lines += ["", f"Chosen: EMA {sel.get('use_ema')}, guidance {sel.get('guidance')}, "
-                      f"steps {sel.get('steps')}.", ""]
+                      f"steps {sel.get('steps')}, residual scale "
+                      f"{sel.get('residual_scale', 1.0)}.", ""]
     lines += ["## Accuracy per split", "", "Accuracies are fractions of all test images of each "
               "task's classes (validation images on `val`); CIs are 95% bootstrap over tasks; "
               "differences are paired (same tasks, same images).", ""]
