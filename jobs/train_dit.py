@@ -8,7 +8,8 @@ Every worker runs the one loop `tina.train.train_generator` with its rank, its s
 global batch and `prepare_model` (DDP; bf16 autocast on GPU). At checkpoint steps rank 0 hands
 Ray Train a checkpoint directory: `state/` (tina.train_state: weights, EMA, optimizer, step, RNG,
 loss history), `best/` (the best generator so far, the tina.safetensors + tina.json format) and
-`val.json`; the other ranks report the same metrics without one. A restarted worker group
+`val.json` ({"step": best val step, "score", "use_ema", "history", "start_step",
+"checkpoint_step"}); the other ranks report the same metrics without one. A restarted worker group
 resumes from `ray.train.get_checkpoint()` at the next step. At val steps the raw and EMA weights
 are scored on the first train.val_tasks `val` tasks (never test); the best (step, weights) is
 what the job writes as <out>/generator.
@@ -101,7 +102,9 @@ class CheckpointHandOff:
             if (self.workdir / "best").is_dir():
                 shutil.copytree(self.workdir / "best", Path(tmp) / "best")
             (Path(tmp) / VAL_FILE).write_text(json.dumps(
-                self.best | {"start_step": self.start, "step": state.step, "pid": os.getpid()}))
+                # "step" is the best val step; the checkpoint's own is "checkpoint_step"
+                self.best | {"start_step": self.start, "checkpoint_step": state.step,
+                             "pid": os.getpid()}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -55,7 +55,7 @@ def _checkpoints(run_dir: Path) -> list[dict]:
     """val.json of every checkpoint of a train_dit run, with its path, sorted by step."""
     found = [json.loads((d / VAL_FILE).read_text()) | {"path": d}
              for d in run_dir.glob("checkpoint_*") if (d / VAL_FILE).is_file()]
-    return sorted(found, key=lambda c: (c["start_step"], c["step"]))
+    return sorted(found, key=lambda c: (c["start_step"], c["checkpoint_step"]))
 
 
 def _registered(run_dir: Path) -> int:
@@ -119,9 +119,9 @@ def test_the_generator_job_writes_its_best_val_checkpoint_in_the_generator_forma
     best = max(val["history"], key=lambda h: max(h["raw"], h["ema"]))
     assert val["step"] == best["step"] and val["score"] == max(best["raw"], best["ema"])
     ckpts = _checkpoints(Path(hist["ray_run"]))
-    assert [c["step"] for c in ckpts] == [6, 12, 18, 24]
+    assert [c["checkpoint_step"] for c in ckpts] == [6, 12, 18, 24]
     # the weights written are those of the best val step
-    best_dir = next(c["path"] for c in ckpts if c["step"] == val["step"]) / "best"
+    best_dir = next(c["path"] for c in ckpts if c["checkpoint_step"] == val["step"]) / "best"
     assert load_file(str(best_dir / "tina.safetensors")).keys() == load_file(
         str(out / "generator" / "tina.safetensors")).keys()
     for k, v in load_file(str(best_dir / "tina.safetensors")).items():
@@ -139,7 +139,7 @@ def test_a_killed_worker_resumes_at_the_step_after_the_latest_checkpoint(
     cfg = load_config(TINY, RAY_SET + [f"train.steps={steps}", f"train.checkpoint_every={every}",
                                        "train.val_every=0"])
     hist = json.loads((out / "generator" / "train_history.json").read_text())
-    given = next(c for c in _checkpoints(Path(hist["ray_run"])) if c["step"] == 6)
+    given = next(c for c in _checkpoints(Path(hist["ray_run"])) if c["checkpoint_step"] == 6)
     splits = Splits.from_json(json.loads((out / "splits.json").read_text()))
     generic = load_generic(cfg, out)
     has_row = torch.tensor(json.loads((out / "generic" / "model.json").read_text())["has_row"])
