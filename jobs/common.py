@@ -49,7 +49,10 @@ class RayOptions:
         of the denoiser's gradients costs more than a second worker gains (two 1-CPU workers
         73.6 samples/s vs one 2-thread process 101.3: bench/results/ray_scaling.json).
         """
-        n = self.generator_workers or (self.num_workers if self.use_gpu else 1)
+        return self.pooled(self.generator_workers or (self.num_workers if self.use_gpu else 1))
+
+    def pooled(self, n: int) -> RayOptions:
+        """`n` workers sharing the CPUs of `num_workers` x `cpus_per_worker`."""
         return replace(self, num_workers=n,
                        cpus_per_worker=self.num_workers * self.cpus_per_worker / n)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,7 +58,7 @@ def generic_trainer(cfg: PipelineConfig, out: str | Path, opts: RayOptions,
     opts.num_workers workers (one model, one data stream: nothing to shard)."""
     from ray.train.torch import TorchTrainer
 
-    one = replace(opts, num_workers=1, cpus_per_worker=opts.num_workers * opts.cpus_per_worker)
+    one = opts.pooled(1)
     return TorchTrainer(_train_loop,
                         train_loop_config={"cfg": worker_config(cfg),
                                            "cpus": one.cpus_per_worker},

@@ -163,6 +163,15 @@ class ParamLayout:
         m[self.row_index().reshape(-1)] = True
         return m
 
+    def row_weights(self, per_row: torch.Tensor, rest: float) -> torch.Tensor:
+        """Per-value weights from per-row ones: per_row (B, K) float -> (B, P) float32, row i's
+        value on every value of head row i, `rest` on every other parameter."""
+        idx = self.row_index()  # (K, d+1)
+        w = torch.full((per_row.shape[0], self.n_params), float(rest))
+        w[:, idx.reshape(-1)] = per_row.float()[..., None].expand(-1, -1, idx.shape[1]).reshape(
+            per_row.shape[0], -1)
+        return w
+
     def permute_rows(self, flat: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """Reorder head rows: flat (B, P), perm (B, K) int64 -> (B, P); row i <- old row perm[i]."""
         idx = self.row_index()  # (K, d+1)

@@ -288,11 +288,7 @@ def interpolate_residual(layout: ParamLayout, residual: torch.Tensor, flag: torc
     """
     if scale == 1.0:
         return residual
-    w = torch.full_like(residual, scale)
-    rows = layout.row_index()  # (K_max, d + 1) indices of each head row's values
-    w[:, rows.reshape(-1)] = torch.where(flag, 1.0, scale)[..., None].expand(
-        -1, -1, rows.shape[1]).reshape(len(w), -1)
-    return residual * w
+    return residual * layout.row_weights(torch.where(flag, 1.0, scale), scale)
 
 
 def create_diffusion_from_meta(meta: dict[str, Any]) -> GaussianDiffusion:

@@ -162,9 +162,5 @@ class ResidualBase:
 
 def pad_rows(layout: ParamLayout, flat: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Zero head rows [k_b, K_max) of each flat vector: flat (B, P), k (B,) int64 -> (B, P)."""
-    idx = layout.row_index()  # (K, d+1)
     keep = torch.arange(layout.k)[None, :] < k[:, None]  # (B, K)
-    out = flat.clone()
-    vals = out[:, idx.reshape(-1)].reshape(flat.shape[0], layout.k, -1) * keep[..., None]
-    out[:, idx.reshape(-1)] = vals.reshape(flat.shape[0], -1)
-    return out
+    return flat * layout.row_weights(keep, 1.0)

@@ -69,7 +69,7 @@ class Batcher:
         self.cfg, self.layout, self.tok, self.norm = cfg, layout, tokenizer, normalizer
         self.base, self.cond, self.flats, self.ids, self.residual = (
             base, conditioner, zoo_flats, zoo_ids, residual)
-        self.row_index = layout.row_index()
+        self.row_index = layout.row_index()  # (K, d+1): where each head row sits in a flat vector
 
     def __call__(self, b: int, gen: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
         tc, kmax = self.cfg.train, self.layout.k
@@ -95,10 +95,7 @@ class Batcher:
         target = flat - self.base(c.row_source) if self.residual else flat
         x0 = self.tok.tokenize(self.norm.normalize(target, c.flag))
         # loss only on real values of real rows: padded rows are free at sampling time
-        value_w = torch.ones_like(flat)
-        value_w[:, self.row_index.reshape(-1)] = (
-            real[..., None].expand(-1, -1, self.row_index.shape[1]).reshape(b, -1).float())
-        mask = self.tok.tokenize(value_w) > 0
+        mask = self.tok.tokenize(self.layout.row_weights(real, 1.0)) > 0
         null = torch.rand(b, generator=gen) < tc.null_prompt_p
         return x0, {"cond": c.cond, "class_mask": c.class_mask, "null": null}, mask
 
