@@ -2,6 +2,8 @@
 
     python -m jobs.build_zoo --config configs/demo.yaml --out runs/demo --num-workers 2
 
+The same job fine-tunes the evaluation's `finetuned` references (tina.zoo.REFERENCE: the zoo's
+recipe on the val, ood and unseen tasks) into <out>/finetuned (`stage_references_ray`).
 Worker r fine-tunes tasks i with i % world_size == r (`tina.zoo.build_zoo`) and writes its own
 p-model files and its own manifest shard `manifest-rank<r>.jsonl`, so no two writers share a
 file; the driver merges the shards into manifest.jsonl after the run. A re-submitted job skips
@@ -14,6 +16,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ from tina.config import PipelineConfig, from_dict
 from tina.data import ImageSet, dataset_info, load_split
 from tina.errors import TinaError
 from tina.tasks import LabelSpace, Splits, Task, make_splits
-from tina.zoo import ZooEntry, ZooStore, build_zoo
+from tina.zoo import REFERENCE, ZOO, StoreKind, ZooEntry, ZooStore, build_zoo
 
 REPORTS = 10  # progress reports per run (the same on every worker: report is a collective)
 
@@ -56,6 +59,7 @@ def _train_loop(config: dict) -> None:
     generic.load_state_dict(config["generic"])
     generic.eval()
     tasks = [tuple(t) for t in config["tasks"]]
+    kind = StoreKind(**config["kind"])
     store = ZooStore(config["zoo_dir"])
     mine = list(range(rank, len(tasks), world))
     per_rank = math.ceil(len(tasks) / world)
@@ -66,7 +70,7 @@ def _train_loop(config: dict) -> None:
         idx = mine[c * chunk:(c + 1) * chunk]
         new = build_zoo(store, tasks, generic, cfg.arch.name, train, val, cfg.zoo,
                         cfg.data.dataset, indices=idx, writer=f"rank{rank}",
-                        head_only=cfg.arch.head_only, progress=False)
+                        head_only=cfg.arch.head_only, progress=False, kind=kind)
         step = torch.tensor([len(new), len(idx) - len(new)], dtype=torch.float64,
                             device=counts.device)
         if dist.is_available() and dist.is_initialized():
@@ -79,21 +83,23 @@ def _train_loop(config: dict) -> None:
 
 
 def zoo_trainer(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: list[Task],
-                opts: RayOptions, name: str | None = None):
-    """A TorchTrainer of opts.num_workers workers that fine-tunes `tasks` into <out>/zoo."""
+                opts: RayOptions, name: str | None = None, kind: StoreKind = ZOO):
+    """A TorchTrainer of opts.num_workers workers that fine-tunes `tasks` into <out>/<folder>
+    (<out>/zoo for the zoo, <out>/finetuned for the references)."""
     from ray.train.torch import TorchTrainer
 
     state = {k: v.detach().cpu() for k, v in generic.state_dict().items()}
     loop_cfg = {"cfg": worker_config(cfg), "cpus": opts.cpus_per_worker, "generic": state,
-                "tasks": [list(t) for t in tasks],
-                "zoo_dir": str((Path(out) / "zoo").resolve())}
+                "tasks": [list(t) for t in tasks], "kind": asdict(kind),
+                "zoo_dir": str((Path(out) / kind.folder).resolve())}
     return TorchTrainer(_train_loop, train_loop_config=loop_cfg, scaling_config=scaling(opts),
-                        run_config=run_config(opts, out, name or run_name("zoo")))
+                        run_config=run_config(opts, out, name or run_name(kind.folder)))
 
 
 def run_build_zoo(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: list[Task],
-                  opts: RayOptions, name: str | None = None) -> dict:
-    """Build (or finish) the zoo on Ray and merge its manifest.
+                  opts: RayOptions, name: str | None = None, kind: StoreKind = ZOO) -> dict:
+    """Build (or finish) the zoo (or with `kind=REFERENCE`, the references) on Ray and merge
+    its manifest.
 
     Returns:
         {"written", "skipped" (p-models found finished), "run_s" (wall seconds, worker start-up
@@ -101,13 +107,13 @@ def run_build_zoo(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks
         through ray.train.report (Result.metrics stays empty: those reports carry no checkpoint).
     """
     init_ray(opts)
-    store = ZooStore(Path(out) / "zoo")  # creates the folder before the workers race to
+    store = ZooStore(Path(out) / kind.folder)  # creates the folder before the workers race to
     before = {e.id for e in store.entries()}
     t0 = time.perf_counter()
-    result = zoo_trainer(cfg, out, generic, tasks, opts, name).fit()
+    result = zoo_trainer(cfg, out, generic, tasks, opts, name, kind).fit()
     run_s = time.perf_counter() - t0
     store.merge()
-    ids = {f"pm-{i:05d}" for i in range(len(tasks))}
+    ids = kind.ids(len(tasks))
     return {"written": len(ids & {e.id for e in store.entries()} - before),
             "skipped": len(ids & before), "run_s": run_s, "ray_run": result.path}
 
@@ -117,11 +123,24 @@ def stage_zoo_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, splits: Spli
                   val: ImageSet) -> tuple[list[ZooEntry], torch.Tensor]:
     """`tina.pipeline.stage_zoo` with the fine-tuning as a Ray Train run (none when the store
     already holds every task's p-model, as on a pipeline re-run)."""
-    store = ZooStore(out / "zoo")
-    if {e.id for e in store.entries()} >= {f"pm-{i:05d}" for i in range(len(splits.zoo))}:
+    return _stage_on_ray(opts, cfg, out, generic, splits.zoo, ZOO)
+
+
+def stage_references_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, splits: Splits,
+                         generic: SmallCNN, train: ImageSet,
+                         val: ImageSet) -> tuple[list[ZooEntry], torch.Tensor]:
+    """`tina.pipeline.stage_references` as a Ray Train run of this job: the evaluation's
+    fine-tuning, in parallel like the zoo's."""
+    return _stage_on_ray(opts, cfg, out, generic, splits.reference_tasks(), REFERENCE)
+
+
+def _stage_on_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, generic: SmallCNN,
+                  tasks: list[Task], kind: StoreKind) -> tuple[list[ZooEntry], torch.Tensor]:
+    store = ZooStore(out / kind.folder)
+    if {e.id for e in store.entries()} >= kind.ids(len(tasks)):
         store.merge()
     else:
-        run_build_zoo(cfg, out, generic, splits.zoo, opts)
+        run_build_zoo(cfg, out, generic, tasks, opts, kind=kind)
     return store.load()
 
 

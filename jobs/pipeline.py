@@ -4,11 +4,11 @@
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/demo.yaml \
         --out runs/demo --address auto
 
-generic model (1 worker, jobs.train_generic) -> zoo (N workers, jobs.build_zoo) -> image encoder
-(driver) -> generator (jobs.train_dit: N DDP workers with GPUs; on CPU one worker with their
-CPUs, `RayOptions.for_generator`) -> evaluation and report (driver):
-`tina.pipeline.run_pipeline` with `ray_stages(...)`, so everything but the three training stages
-is the plain pipeline's own code, and a re-run skips finished stages the same way.
+generic model (1 worker, jobs.train_generic) -> zoo, then the evaluation's fine-tuned references
+(N workers each, jobs.build_zoo) -> image encoder (driver) -> generator (jobs.train_dit: N DDP
+workers with GPUs; on CPU one worker with their CPUs, `RayOptions.for_generator`) -> evaluation
+and report (driver): `tina.pipeline.run_pipeline` with `ray_stages(...)`, so everything but the
+training stages is the plain pipeline's own code, and a re-run skips finished stages the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from jobs.build_zoo import stage_zoo_ray
+from jobs.build_zoo import stage_references_ray, stage_zoo_ray
 from jobs.common import RayOptions, add_args, config, init_ray, options
 from jobs.train_dit import trainer_on_ray
 from jobs.train_generic import stage_generic_ray
@@ -31,6 +31,7 @@ def ray_stages(opts: RayOptions, out: str | Path) -> Stages:
     """The pipeline's three training stages as Ray Train runs placed by `opts` (the generator's
     by `opts.for_generator()`)."""
     return Stages(generic=partial(stage_generic_ray, opts), zoo=partial(stage_zoo_ray, opts),
+                  references=partial(stage_references_ray, opts),
                   generator=trainer_on_ray(opts.for_generator(), out))
 
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tina.backbones import ParamLayout, build_model
 from tina.cli import main
 from tina.config import load_config
 from tina.data import data_root, load_split
 from tina.pipeline import run_pipeline
+from tina.scoring import accuracy, logits_of
 
 TINY = Path(__file__).parent / "tiny.yaml"
 REAL = data_root() / "fashion-mnist" / "train-images-idx3-ubyte.gz"
@@ -53,6 +55,27 @@ def test_pipeline_writes_report_with_the_issue_schema(run: Path):
     assert list(run.glob("*.png"))
 
 
+def test_finetuned_method_scores_the_stored_references(run: Path):
+    """The `finetuned` reference p-models are fine-tuned before evaluation (the zoo's recipe, in
+    run/finetuned) for exactly the val, ood and unseen tasks, and the report scores those."""
+    report = json.loads((run / "report.json").read_text())
+    lines = (run / "finetuned" / "manifest.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    sp = report["splits"]
+    want = list(dict.fromkeys(tuple(t) for s in ("val", "ood", "unseen_1", "unseen_2")
+                              for t in sp[s]["tasks"]))
+    assert [tuple(e["classes"]) for e in entries] == want
+    assert all(e["id"].startswith("ft-") for e in entries)
+    test = load_split("fashion-mnist+mnist", "test")
+    e = next(e for e in entries if tuple(e["classes"]) == tuple(sp["ood"]["tasks"][0]))
+    params = load_file(str(run / "finetuned" / e["file"]))["params"]
+    model = build_model(report["arch"], 1, len(e["class_ids"]))
+    model.load_state_dict(ParamLayout(model).unflatten(params))
+    d = test.task(e["class_ids"])
+    acc = float(accuracy(logits_of(model, d.images), d.labels))
+    assert sp["ood"]["finetuned"]["per_task"][0] == pytest.approx(acc, abs=1e-6)
+
+
 def test_rerun_skips_finished_stages(run: Path):
     before = (run / "generator" / "tina.safetensors").stat().st_mtime_ns
     zoo_before = sorted(p.stat().st_mtime_ns for p in (run / "zoo" / "params").iterdir())
@@ -60,6 +83,7 @@ def test_rerun_skips_finished_stages(run: Path):
     assert (run / "generator" / "tina.safetensors").stat().st_mtime_ns == before
     assert sorted(p.stat().st_mtime_ns for p in (run / "zoo" / "params").iterdir()) == zoo_before
     assert report["timing"]["stages_s"]["zoo"] < 30
+    assert report["timing"]["stages_s"]["finetuned"] < 30
 
 
 def test_cli_generate_works_without_the_zoo(run: Path, tmp_path: Path):

@@ -13,7 +13,15 @@ from tina.backbones import HEAD_BIAS, HEAD_WEIGHT, ParamLayout, build_model
 from tina.config import GenericConfig, ZooConfig
 from tina.data import ImageSet
 from tina.scoring import accuracy, logits_of
-from tina.zoo import ZooEntry, ZooStore, build_zoo, finetune_pmodel, init_pmodel, train_generic
+from tina.zoo import (
+    REFERENCE,
+    ZooEntry,
+    ZooStore,
+    build_zoo,
+    finetune_pmodel,
+    init_pmodel,
+    train_generic,
+)
 
 CLASSES = ["rows", "columns", "diagonals", "checks", "dots"]
 HELD_OUT = 3  # "checks": the generic model never sees it
@@ -182,6 +190,23 @@ def test_build_zoo_stores_ordered_tasks_and_a_rerun_writes_nothing(tmp_path: Pat
     assert flats.shape == (2, e.n_params)
     p = ParamLayout(build_model(ARCH, 1, 3)).unflatten(flats[1])
     assert p[HEAD_WEIGHT].shape == (3, 8) and p[HEAD_BIAS].shape == (3,)
+
+
+def test_reference_store_has_its_own_ids_and_seeds_and_the_zoo_recipe(tmp_path: Path, generic,
+                                                                      data) -> None:
+    model, _ = generic
+    train, val = data
+    cfg = zoo_cfg(seed=7)
+    task = (4, 2, 0)
+    ref = build_zoo(ZooStore(tmp_path / "finetuned"), [task], model, ARCH, train, val, cfg,
+                    "textures", progress=False, kind=REFERENCE)
+    assert [e.id for e in ref] == ["ft-00000"] and ref[0].file == "params/ft-00000.safetensors"
+    assert ref[0].seed == 7 * 100003 + REFERENCE.seed_offset
+    # the same function and recipe as finetune_pmodel with that seed: the evaluation's reference
+    want = finetune_pmodel(model, ARCH, task, train, cfg, ref[0].seed)
+    _, flats = ZooStore(tmp_path / "finetuned").load()
+    got = ParamLayout(build_model(ARCH, 1, 3)).unflatten(flats[0])
+    assert all(torch.equal(got[n], p.detach()) for n, p in want.named_parameters())
 
 
 def test_two_writers_shards_merge_into_one_sorted_manifest(tmp_path: Path, generic,

@@ -56,6 +56,9 @@ class EvalContext:
     encoder: PromptEncoder
     image_encoder: Any  # encode_images(uint8 (N, C, H, W)) -> (N, D) unit vectors in text space
     splits: Splits
+    # the `finetuned` references fine-tuned before evaluation (pipeline stage `finetuned`), by
+    # task; a task missing here is fine-tuned by the evaluator itself with the same recipe
+    references: dict[Task, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     cache: dict = field(default_factory=dict, repr=False)  # shared by select_on_val / evaluate
 
 
@@ -199,7 +202,9 @@ class Evaluator:
 
     def finetuned(self, task: Task) -> tuple:
         key = ("finetuned", task)
-        if key not in self.flats:
+        if key not in self.flats and task in self.ctx.references:
+            self.flats[key] = self.full_flat(self.ctx.references[task])
+        elif key not in self.flats:
             seed = derived_seed(self.cfg.eval.seed, "finetuned", task)
             m = finetune_pmodel(self.ctx.generic, self.cfg.arch.name, task, self.ctx.train,
                                 self.cfg.zoo, seed, self.cfg.arch.head_only)

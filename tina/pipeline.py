@@ -30,10 +30,11 @@ from tina.evaluate import EvalContext, evaluate, select_on_val, time_generation
 from tina.generate import Generator
 from tina.image_prompts import ImagePromptEncoder, train_devise
 from tina.report import write_report
+from tina.stamps import check_stamp, stamp_of
 from tina.tasks import LabelSpace, Splits, make_splits
 from tina.tracking import PipelineRun
 from tina.train import GeneratorInputs, train_generator
-from tina.zoo import ZooStore, build_zoo, finetune_pmodel, train_generic
+from tina.zoo import REFERENCE, ZooStore, build_zoo, finetune_pmodel, train_generic
 
 
 def git_commit() -> str:
@@ -98,6 +99,27 @@ def stage_zoo(cfg: PipelineConfig, out: Path, splits: Splits, generic: SmallCNN,
               head_only=cfg.arch.head_only)
     store.merge()
     return store.load()
+
+
+def stage_references(cfg: PipelineConfig, out: Path, splits: Splits, generic: SmallCNN,
+                     train: ImageSet, val: ImageSet) -> tuple[list, torch.Tensor]:
+    """Fine-tune (or finish) the evaluation's `finetuned` references in this process: the zoo's
+    recipe on `splits.reference_tasks()`, stored in out/finetuned; returns entries and params."""
+    store = ZooStore(out / REFERENCE.folder)
+    build_zoo(store, splits.reference_tasks(), generic, cfg.arch.name, train, val, cfg.zoo,
+              cfg.data.dataset, head_only=cfg.arch.head_only, kind=REFERENCE)
+    store.merge()
+    return store.load()
+
+
+def reference_models(entries: list, flats: torch.Tensor, arch: str,
+                     in_channels: int) -> dict[tuple[int, ...], dict[str, torch.Tensor]]:
+    """Stored reference p-models by task (ordered class ids) as named parameters."""
+    out = {}
+    for e, flat in zip(entries, flats, strict=True):
+        layout = ParamLayout(build_model(arch, in_channels, len(e.class_ids)))
+        out[tuple(e.class_ids)] = layout.unflatten(flat)
+    return out
 
 
 def stage_image_encoder(cfg: PipelineConfig, out: Path, encoder: PromptEncoder,
@@ -197,11 +219,13 @@ def finetune_timing(cfg: PipelineConfig, generic: SmallCNN, train: ImageSet,
 class Stages:
     """The training stages, swappable: plain functions here, Ray Train runs in jobs/pipeline.py.
 
-    Signatures as `stage_generic`, `stage_zoo` and `train_here` (the generator's trainer).
+    Signatures as `stage_generic`, `stage_zoo` (also `references`) and `train_here` (the
+    generator's trainer).
     """
 
     generic: Callable[..., tuple[SmallCNN, torch.Tensor]] = stage_generic
     zoo: Callable[..., tuple[list, torch.Tensor]] = stage_zoo
+    references: Callable[..., tuple[list, torch.Tensor]] = stage_references
     generator: GeneratorTrainer = train_here
 
 
@@ -250,8 +274,16 @@ def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
     splits = make_splits(space, cfg.data.forbidden_pairs, cfg.zoo.k, cfg.zoo.n_pmodels, cfg.eval,
                          cfg.seed)
     (out / "splits.json").write_text(json.dumps(splits.to_json()))
+    # a stage folder built with other settings is refused, never silently reused (tina.stamps)
+    for stage, tasks in (("generic", None), ("zoo", splits.zoo),
+                         (REFERENCE.folder, splits.reference_tasks()), ("image_encoder", None),
+                         ("generator", splits.zoo)):
+        if stage != "image_encoder" or cfg.encoder.name != "clip":  # CLIP: its own image tower
+            check_stamp(out / stage, stamp_of(cfg, stage, tasks))
     generic, has_row = timed("generic", stages.generic, cfg, out, train, val, space)
     zoo_entries, zoo_flats = timed("zoo", stages.zoo, cfg, out, splits, generic, train, val)
+    references = reference_models(*timed("finetuned", stages.references, cfg, out, splits,
+                                         generic, train, val), cfg.arch.name, info.in_channels)
     encoder = timed("encoder", build_encoder, cfg.encoder)
     image_encoder = timed("image_encoder", stage_image_encoder, cfg, out, encoder, generic,
                           has_row, train, space)
@@ -263,7 +295,8 @@ def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
     track.log_history(hist.get("val", {}).get("history", []), prefix="generator.val")
     ctx = EvalContext(cfg=cfg, generator=gen, generic=generic, has_row=has_row,
                       zoo_entries=zoo_entries, zoo_flats=zoo_flats, train=train, val=val,
-                      test=test, encoder=encoder, image_encoder=image_encoder, splits=splits)
+                      test=test, encoder=encoder, image_encoder=image_encoder, splits=splits,
+                      references=references)
     choice = timed("select_on_val", select_on_val, ctx)
     # the val-selected sampler settings become the checkpoint's defaults (serving uses them)
     gen.meta["sample"] |= {"steps": choice["steps"], "guidance": choice["guidance"],
@@ -284,6 +317,7 @@ def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
         "git_commit": git_commit(), "command": command, "machine": machine(),
         "sha256": {"config": cfg.sha256(),
                    "zoo_manifest": sha256_file(out / "zoo" / "manifest.jsonl"),
+                   "finetuned_manifest": sha256_file(out / REFERENCE.folder / "manifest.jsonl"),
                    "checkpoint": sha256_file(out / "generator" / "tina.safetensors")},
         "generator": {"dit_params": gen.meta["dit"]["n_params"], "train_s": hist["train_s"],
                       "final_loss": sum(hist["loss"][-50:]) / max(1, len(hist["loss"][-50:]))},

@@ -138,6 +138,11 @@ class Splits:
     unseen_2: list[Task]
     variable_k: dict[int, list[Task]]
 
+    def reference_tasks(self) -> list[Task]:
+        """The tasks the protocol fine-tunes a `finetuned` reference for (val, ood, unseen_1,
+        unseen_2), each once, in that order."""
+        return list(dict.fromkeys(self.val + self.ood + self.unseen_1 + self.unseen_2))
+
     def to_json(self) -> dict:
         """JSON-able dict (lists of lists; variable_k keys as strings)."""
         out: dict = {name: [list(t) for t in getattr(self, name)]

@@ -202,22 +202,45 @@ class ZooStore:
         return entries, torch.stack(flats) if flats else torch.empty(0)
 
 
+@dataclass(frozen=True)
+class StoreKind:
+    """A set of p-models fine-tuned with the zoo's recipe: its folder under a run directory, the
+    prefix of its ids and where its seeds start (entry i: seed zoo.seed * 100003 + offset + i)."""
+
+    folder: str
+    prefix: str
+    seed_offset: int
+
+    def ids(self, n: int) -> set[str]:
+        """The ids of entries 0..n-1."""
+        return {f"{self.prefix}-{i:05d}" for i in range(n)}
+
+
+ZOO = StoreKind("zoo", "pm", 0)
+# The `finetuned` reference of the evaluation (tina.evaluate) on the val, ood and unseen tasks:
+# the zoo's own function and recipe, so it runs where the zoo runs (in parallel on Ray). Never
+# training data; its seeds start past any zoo index so that no seed repeats a zoo p-model's.
+REFERENCE = StoreKind("finetuned", "ft", 1_000_000)
+
+
 def build_zoo(store: ZooStore, tasks: Sequence[tuple[int, ...]], generic: SmallCNN, arch: str,
               train: ImageSet, val: ImageSet, cfg: ZooConfig, dataset: str,
               indices: Sequence[int] | None = None, writer: str = "0", head_only: bool = False,
-              val_per_class: int = 200, progress: bool = True) -> list[ZooEntry]:
+              val_per_class: int = 200, progress: bool = True,
+              kind: StoreKind = ZOO) -> list[ZooEntry]:
     """Fine-tune and store the p-models for `tasks[i]`, i in `indices` (default: all), skipping
-    ids already stored. Entry i has id `pm-{i:05d}` and seed `cfg.seed * 100003 + i`.
+    ids already stored. Entry i has id `{kind.prefix}-{i:05d}` (`pm-00000` for the zoo) and seed
+    `cfg.seed * 100003 + kind.seed_offset + i`.
 
     Returns the entries written by this call.
     """
     done = {e.id for e in store.entries()}
     todo = [i for i in (range(len(tasks)) if indices is None else indices)
-            if f"pm-{i:05d}" not in done]
+            if f"{kind.prefix}-{i:05d}" not in done]
     written = []
-    for i in tqdm(todo, desc=f"zoo[{writer}]", disable=not progress):
+    for i in tqdm(todo, desc=f"{kind.folder}[{writer}]", disable=not progress):
         task = tasks[i]
-        seed = cfg.seed * 100003 + i
+        seed = cfg.seed * 100003 + kind.seed_offset + i
         t0 = time.perf_counter()
         model = finetune_pmodel(generic, arch, task, train, cfg, seed, head_only)
         dt = time.perf_counter() - t0
@@ -226,10 +249,11 @@ def build_zoo(store: ZooStore, tasks: Sequence[tuple[int, ...]], generic: SmallC
         layout = ParamLayout(model)
         flat = layout.flatten({k: p.detach() for k, p in model.named_parameters()})
         entry = ZooEntry(
-            id=f"pm-{i:05d}", dataset=dataset, arch=arch,
+            id=f"{kind.prefix}-{i:05d}", dataset=dataset, arch=arch,
             classes=[train.classes[c] for c in task], class_ids=list(task), seed=seed,
             train_size=min(len(train.task(task)), cfg.max_train_images or 10**12), val_acc=acc,
-            n_params=layout.n_params, file=f"params/pm-{i:05d}.safetensors", finetune_s=dt)
+            n_params=layout.n_params, file=f"params/{kind.prefix}-{i:05d}.safetensors",
+            finetune_s=dt)
         store.put(entry, flat, writer)
         written.append(entry)
     return written
