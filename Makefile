@@ -9,6 +9,7 @@ DATA_STAMP := $(DATA)/.ready
 BROWSER := $(VENV)/.browser
 CONFIG ?= configs/demo.yaml
 OUT    ?= runs/demo
+SEED   ?= 0
 
 .PHONY: setup data demo test lint clean
 
@@ -27,7 +28,7 @@ $(DATA_STAMP): scripts/fetch_data.sh
 	bash scripts/fetch_data.sh $(DATA)
 
 demo: $(STAMP) $(DATA_STAMP)
-	TINA_DATA_DIR=$(DATA) $(VENV)/bin/tina pipeline --config $(CONFIG) --out $(OUT)
+	TINA_DATA_DIR=$(DATA) $(VENV)/bin/tina pipeline --config $(CONFIG) --out $(OUT) --seed $(SEED)
 
 # tests/test_web.py drives Debian's chromium through Playwright (which never downloads a browser)
 $(BROWSER): $(STAMP)

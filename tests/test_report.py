@@ -66,6 +66,7 @@ def test_bars_pass_on_a_report_that_meets_every_bar_and_goal():
     assert all(c["pass"] for c in v["checks"].values())
     assert v["checks"]["ood_finetuned_minus_generic"]["value"] == pytest.approx(0.020)
     assert v["checks"]["ood_goal_half_finetuned_gain"]["threshold"] == pytest.approx(0.010)
+    assert v["checks"]["pipeline_wall_minutes"]["value"] == pytest.approx(20.0)
 
 
 @pytest.mark.parametrize("edit, check", [
@@ -75,6 +76,7 @@ def test_bars_pass_on_a_report_that_meets_every_bar_and_goal():
      "ood_tina_minus_generic_ci95_lower"),
     (lambda r: r["splits"]["ood"]["retrieval"].update(mean=0.85), "ood_tina_gt_retrieval"),
     (lambda r: r["splits"]["ood"]["ridge"].update(mean=0.86), "ood_tina_gt_ridge"),
+    (lambda r: r["timing"].update(pipeline_wall_s=25 * 60 + 1), "pipeline_wall_minutes"),
 ])
 def test_each_bar_fails_on_its_own_numbers(edit, check):
     r = passing_report()
