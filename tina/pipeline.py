@@ -34,7 +34,7 @@ from tina.stamps import check_stamp, stamp_of
 from tina.tasks import LabelSpace, Splits, make_splits
 from tina.tracking import PipelineRun
 from tina.train import GeneratorInputs, train_generator
-from tina.zoo import REFERENCE, ZooStore, build_zoo, finetune_pmodel, train_generic
+from tina.zoo import REFERENCE, ZOO, StoreKind, ZooStore, build_zoo, finetune_pmodel, train_generic
 
 
 def git_commit() -> str:
@@ -94,20 +94,21 @@ def stage_generic(cfg: PipelineConfig, out: Path, train: ImageSet, val: ImageSet
 def stage_zoo(cfg: PipelineConfig, out: Path, splits: Splits, generic: SmallCNN,
               train: ImageSet, val: ImageSet) -> tuple[list, torch.Tensor]:
     """Build (or finish) the zoo in this process; returns its entries and (M, P) parameters."""
-    store = ZooStore(out / "zoo")
-    build_zoo(store, splits.zoo, generic, cfg.arch.name, train, val, cfg.zoo, cfg.data.dataset,
-              head_only=cfg.arch.head_only)
-    store.merge()
-    return store.load()
+    return _build_store(cfg, out, splits.zoo, generic, train, val, ZOO)
 
 
 def stage_references(cfg: PipelineConfig, out: Path, splits: Splits, generic: SmallCNN,
                      train: ImageSet, val: ImageSet) -> tuple[list, torch.Tensor]:
     """Fine-tune (or finish) the evaluation's `finetuned` references in this process: the zoo's
     recipe on `splits.reference_tasks()`, stored in out/finetuned; returns entries and params."""
-    store = ZooStore(out / REFERENCE.folder)
-    build_zoo(store, splits.reference_tasks(), generic, cfg.arch.name, train, val, cfg.zoo,
-              cfg.data.dataset, head_only=cfg.arch.head_only, kind=REFERENCE)
+    return _build_store(cfg, out, splits.reference_tasks(), generic, train, val, REFERENCE)
+
+
+def _build_store(cfg: PipelineConfig, out: Path, tasks: list, generic: SmallCNN,
+                 train: ImageSet, val: ImageSet, kind: StoreKind) -> tuple[list, torch.Tensor]:
+    store = ZooStore(out / kind.folder)
+    build_zoo(store, tasks, generic, cfg.arch.name, train, val, cfg.zoo, cfg.data.dataset,
+              head_only=cfg.arch.head_only, kind=kind)
     store.merge()
     return store.load()
 
