@@ -29,6 +29,7 @@ from jobs.common import (
     init_ray,
     options,
     run_config,
+    run_main,
     run_name,
     scaling,
     worker_config,
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

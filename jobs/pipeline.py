@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from jobs.build_zoo import stage_references_ray, stage_zoo_ray
-from jobs.common import RayOptions, add_args, config, init_ray, options
+from jobs.common import RayOptions, add_args, config, init_ray, options, run_main
 from jobs.train_dit import trainer_on_ray
 from jobs.train_generic import stage_generic_ray
 from tina.config import PipelineConfig
@@ -52,4 +52,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

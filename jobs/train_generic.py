@@ -21,6 +21,7 @@ from jobs.common import (
     init_ray,
     options,
     run_config,
+    run_main,
     run_name,
     scaling,
     worker_config,
@@ -91,4 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -44,6 +44,7 @@ from jobs.common import (
     config,
     init_ray,
     options,
+    run_main,
     run_name,
     worker_config,
 )
@@ -277,4 +278,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

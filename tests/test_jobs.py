@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -220,3 +222,14 @@ def test_the_generator_run_holds_the_zoo_runs_cpus() -> None:
     assert (gpu.num_workers, gpu.cpus_per_worker) == (4, 1.0)
     two = RayOptions(num_workers=2, generator_workers=2).for_generator()
     assert (two.num_workers, two.cpus_per_worker) == (2, 1.0)
+
+
+@pytest.mark.parametrize("job", ["pipeline", "train_generic", "build_zoo", "train_dit", "tune_dit"])
+def test_a_job_run_as_a_command_reports_a_user_error_in_one_line(job: str, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    r = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--config", str(missing), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: config file {missing} not found; "
+                                             "see configs/ for examples"]
