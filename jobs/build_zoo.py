@@ -29,7 +29,6 @@ from jobs.common import (
     init_ray,
     options,
     run_config,
-    run_main,
     run_name,
     scaling,
     worker_config,
@@ -38,7 +37,7 @@ from jobs.common import (
 from tina.backbones import SmallCNN, build_model
 from tina.config import PipelineConfig, from_dict
 from tina.data import ImageSet, dataset_info, load_split
-from tina.errors import TinaError
+from tina.errors import TinaError, run_reporting_user_errors
 from tina.tasks import LabelSpace, Splits, Task, make_splits
 from tina.zoo import REFERENCE, ZOO, StoreKind, ZooEntry, ZooStore, build_zoo
 
@@ -170,4 +169,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    raise SystemExit(run_reporting_user_errors(main))

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +21,6 @@ import torch
 
 from tina.config import PipelineConfig, load_config
 from tina.data import data_root
-from tina.errors import TinaError
 
 # Worker start-up on a busy 2-core machine can exceed Ray's 60 s default; the driver's value is
 # handed to the Train controller and the workers.
@@ -153,14 +150,3 @@ def worker_threads(cpus: float) -> int:
     n = max(1, int(cpus))
     torch.set_num_threads(n)
     return n
-
-
-def run_main(main: Callable[[], object]) -> None:
-    """Run a job's `main` as a command: an error the user can fix (TinaError, e.g. a stage
-    stamped with other settings, missing data) prints one `error:` line and exits 2, as the
-    `tina` CLI does, instead of a traceback."""
-    try:
-        main()
-    except TinaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

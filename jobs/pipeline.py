@@ -20,10 +20,11 @@ from functools import partial
 from pathlib import Path
 
 from jobs.build_zoo import stage_references_ray, stage_zoo_ray
-from jobs.common import RayOptions, add_args, config, init_ray, options, run_main
+from jobs.common import RayOptions, add_args, config, init_ray, options
 from jobs.train_dit import trainer_on_ray
 from jobs.train_generic import stage_generic_ray
 from tina.config import PipelineConfig
+from tina.errors import run_reporting_user_errors
 from tina.pipeline import Stages, run_pipeline
 
 
@@ -52,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    raise SystemExit(run_reporting_user_errors(main))

@@ -40,7 +40,6 @@ from jobs.common import (
     init_ray,
     options,
     run_config,
-    run_main,
     run_name,
     scaling,
     worker_config,
@@ -48,6 +47,7 @@ from jobs.common import (
 )
 from tina.config import PipelineConfig, from_dict
 from tina.data import ImageSet, load_split
+from tina.errors import run_reporting_user_errors
 from tina.evaluate import score_on_val
 from tina.generate import Generator
 from tina.tasks import Splits, Task
@@ -255,4 +255,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    raise SystemExit(run_reporting_user_errors(main))

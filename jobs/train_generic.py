@@ -21,7 +21,6 @@ from jobs.common import (
     init_ray,
     options,
     run_config,
-    run_main,
     run_name,
     scaling,
     worker_config,
@@ -30,6 +29,7 @@ from jobs.common import (
 from tina.backbones import SmallCNN
 from tina.config import PipelineConfig, from_dict
 from tina.data import ImageSet, dataset_info, load_split
+from tina.errors import run_reporting_user_errors
 from tina.pipeline import save_model, stage_generic
 from tina.tasks import LabelSpace
 from tina.zoo import train_generic
@@ -92,4 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    raise SystemExit(run_reporting_user_errors(main))

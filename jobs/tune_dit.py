@@ -44,13 +44,12 @@ from jobs.common import (
     config,
     init_ray,
     options,
-    run_main,
     run_name,
     worker_config,
 )
 from jobs.tune_space import SEARCH_SPACE, check_space, distribution, parse_space, tuned_config
 from tina.config import PipelineConfig, from_dict
-from tina.errors import ConfigError, TinaError
+from tina.errors import ConfigError, TinaError, run_reporting_user_errors
 from tina.tasks import Splits
 from tina.train import GeneratorInputs
 
@@ -278,4 +277,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    raise SystemExit(run_reporting_user_errors(main))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from tina.errors import TinaError
+from tina.errors import TinaError, run_reporting_user_errors
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -199,15 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.fn(args)
-    except TinaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an unwritable --out, a full disk: say which path, no traceback
-        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_user_errors(lambda: args.fn(args))
 
 
 if __name__ == "__main__":
