@@ -7,18 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tina.backbones import HEAD_BIAS, HEAD_WEIGHT, ParamLayout, build_model
 from tina.config import GenericConfig, ZooConfig
-from tina.data import ImageSet
+from tina.data import ImageSet, to_float
 from tina.scoring import accuracy, logits_of
 from tina.zoo import (
     REFERENCE,
     ZooEntry,
     ZooStore,
+    _batches,
     build_zoo,
     finetune_pmodel,
+    finetune_pmodels,
     init_pmodel,
     train_generic,
 )
@@ -113,6 +116,42 @@ def test_finetuned_pmodel_output_i_means_prompt_class_i(data) -> None:
     assert float(accuracy(logits, v.labels)) > 0.8  # chance: 0.25
     sorted_labels = torch.tensor([sorted(task).index(task[int(y)]) for y in v.labels])
     assert float(accuracy(logits, sorted_labels)) < 0.5
+
+
+def recipe_one_at_a_time(generic, task, train, cfg, seed):
+    """The zoo recipe written out for one plain nn.Module (PyTorch's own conv2d and Adam)."""
+    gen = torch.Generator().manual_seed(seed)
+    data = train.task(task)
+    if cfg.max_train_images and len(data) > cfg.max_train_images:
+        keep = torch.randperm(len(data), generator=gen)[: cfg.max_train_images]
+        data = ImageSet(data.images[keep], data.labels[keep], data.classes)
+    model = init_pmodel(generic, ARCH, task)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps = max(1, round(cfg.epochs * len(data) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=steps)
+    for idx in _batches(len(data), cfg.batch_size, gen, cfg.epochs):
+        loss = F.cross_entropy(model(to_float(data.images[idx])), data.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
+
+
+def test_pmodels_fine_tuned_together_equal_each_fine_tuned_alone(generic, data) -> None:
+    model, _ = generic
+    train = data[0]
+    # 2- and 3-class tasks take different step counts (two groups); a cap draws a subset
+    tasks = [(4, 2, 0), (1, 0), (0, 1, 2), (2, 4)]
+    for cfg in (zoo_cfg(pmodels_per_batch=3), zoo_cfg(max_train_images=100)):
+        together = finetune_pmodels(model, ARCH, tasks, train, cfg, seeds=[5, 6, 7, 8])
+        for task, seed, got in zip(tasks, [5, 6, 7, 8], together, strict=True):
+            want = recipe_one_at_a_time(model, task, train, cfg, seed)
+            assert got.fc.weight.shape[0] == len(task)
+            for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters(),
+                                         strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+            assert not torch.equal(got.fc.weight, init_pmodel(model, ARCH, task).fc.weight)
 
 
 def test_head_only_finetuning_keeps_the_generic_body(generic, data) -> None:

@@ -68,6 +68,9 @@ class ZooConfig:
     batch_size: int = 128
     lr: float = 1e-2  # Adam from the generic model's weights, decayed linearly to 0
     max_train_images: int | None = 20000  # cap on a task's training images per p-model
+    # p-models trained together as one stacked network (tina.stacked): the same p-models as one
+    # at a time, faster per p-model until the stacked activations leave the cache
+    pmodels_per_batch: int = 8
     seed: int = 0
 
 
@@ -245,8 +248,16 @@ _DATACLASSES: dict[str, type] = {
 
 
 def from_dict(data: dict[str, Any]) -> PipelineConfig:
-    """Build a PipelineConfig from nested dicts. Raises ConfigError on unknown keys."""
-    return _from_dict(PipelineConfig, data or {}, "")
+    """Build a PipelineConfig from nested dicts.
+
+    Raises:
+        ConfigError: unknown key, mistyped value, or zoo.pmodels_per_batch below 1.
+    """
+    cfg = _from_dict(PipelineConfig, data or {}, "")
+    if cfg.zoo.pmodels_per_batch < 1:
+        raise ConfigError(f"zoo.pmodels_per_batch: {cfg.zoo.pmodels_per_batch}; use 1 or more "
+                          "(p-models fine-tuned together)")
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -3,9 +3,10 @@
 - `train_generic`: one classifier over the label space, trained on the seen classes only until its
   validation accuracy stops improving. Its head has one row per label-space class; rows of
   held-out classes are zero and masked out of the loss, so "the generic model lacks that class".
-- `finetune_pmodel`: a p-model for an ordered task, initialized from the generic model with head
+- `finetune_pmodels`: p-models for ordered tasks, each initialized from the generic model with head
   row i = generic row of prompt class i (zero where the generic model lacks the class), labels
-  re-indexed to prompt order, fine-tuned on the task's training images.
+  re-indexed to prompt order, fine-tuned on its task's training images; several at once as one
+  stacked network (`tina.stacked`), each the same as if fine-tuned alone (`finetune_pmodel`).
 - `ZooStore`: one safetensors file per p-model plus one manifest shard per writer
   (`manifest-<writer>.jsonl`), merged into `manifest.jsonl`; atomic writes; a re-run skips entries
   already stored, so the store is safe for several writers on shared storage.
@@ -29,6 +30,7 @@ from tina.backbones import ParamLayout, SmallCNN, build_model
 from tina.config import GenericConfig, ZooConfig
 from tina.data import ImageSet, to_float
 from tina.scoring import accuracy, logits_of
+from tina.stacked import StackedCNN
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator, epochs: float):
@@ -64,19 +66,20 @@ def train_generic(arch: str, train: ImageSet, val: ImageSet, seen_ids: Sequence[
     with torch.no_grad():
         model.fc.weight[~seen] = 0
         model.fc.bias[~seen] = 0
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = StackedCNN([model])  # the same model, trained by the faster stacked computation
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state, bad, hist = -1.0, None, 0, []
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.max_epochs), desc="generic", disable=not progress)
     for _ in bar:
-        model.train()
         for idx in _batches(len(tr), cfg.batch_size, gen, 1.0):
-            logits = model(to_float(tr.images[idx])).masked_fill(~seen, float("-inf"))
+            logits = net(to_float(tr.images[idx])[None])[0].masked_fill(~seen, float("-inf"))
             loss = F.cross_entropy(logits, remap[tr.labels[idx]])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        net.load_into([model])
         acc = float(accuracy(logits_of(model, va.images)[:, remap], va.labels))
         hist.append(acc)
         bar.set_postfix(val_acc=f"{acc:.4f}")
@@ -102,33 +105,72 @@ def init_pmodel(generic: SmallCNN, arch: str, task: Sequence[int]) -> SmallCNN:
     return model
 
 
-def finetune_pmodel(generic: SmallCNN, arch: str, task: Sequence[int], train: ImageSet,
-                    cfg: ZooConfig, seed: int, head_only: bool = False) -> SmallCNN:
-    """Fine-tune a p-model for the ordered `task` (label-space ids) from the generic model.
+def finetune_pmodels(generic: SmallCNN, arch: str, tasks: Sequence[Sequence[int]],
+                     train: ImageSet, cfg: ZooConfig, seeds: Sequence[int],
+                     head_only: bool = False) -> list[SmallCNN]:
+    """Fine-tune one p-model per ordered task (label-space ids) from the generic model.
 
-    Labels are re-indexed to prompt order (output i means task[i]). Uses Adam for `cfg.epochs`
-    passes over at most `cfg.max_train_images` of the task's training images.
+    Labels are re-indexed to prompt order (output i means task[i]). Each p-model gets Adam for
+    `cfg.epochs` passes over at most `cfg.max_train_images` of its task's training images, the
+    learning rate decayed linearly to 0. Up to `cfg.pmodels_per_batch` p-models train at once as
+    one `tina.stacked.StackedCNN`: p-model i still depends only on (tasks[i], seeds[i]), since its
+    images and their order come from its own generator, Adam acts elementwise and the loss is the
+    sum of the per-model mean losses, so training it alone gives it up to float rounding.
+
+    Returns:
+        the p-models in task order, in eval mode.
+    Raises:
+        ValueError: `tasks` and `seeds` differ in length.
     """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    data = train.task(task)
-    if cfg.max_train_images and len(data) > cfg.max_train_images:
-        keep = torch.randperm(len(data), generator=gen)[: cfg.max_train_images]
-        data = ImageSet(data.images[keep], data.labels[keep], data.classes)
-    model = init_pmodel(generic, arch, task)
-    params = model.fc.parameters() if head_only else model.parameters()
+    if len(tasks) != len(seeds):
+        raise ValueError(f"{len(tasks)} tasks but {len(seeds)} seeds")
+    models = [init_pmodel(generic, arch, t) for t in tasks]
+    datas, gens, groups = [], [], {}
+    for i, (task, seed) in enumerate(zip(tasks, seeds, strict=True)):
+        gen = torch.Generator().manual_seed(seed)
+        data = train.task(task)
+        if cfg.max_train_images and len(data) > cfg.max_train_images:
+            keep = torch.randperm(len(data), generator=gen)[: cfg.max_train_images]
+            data = ImageSet(data.images[keep], data.labels[keep], data.classes)
+        datas.append(data)
+        gens.append(gen)
+        steps = max(1, int(round(cfg.epochs * len(data) / cfg.batch_size)))
+        # one stacked network, optimizer and lr schedule per group: its members share K, the step
+        # count and the batch size
+        groups.setdefault((len(task), steps, min(len(data), cfg.batch_size)), []).append(i)
+    for members in groups.values():
+        for c in range(0, len(members), cfg.pmodels_per_batch):
+            idx = members[c: c + cfg.pmodels_per_batch]
+            _finetune_stacked([models[i] for i in idx], [datas[i] for i in idx],
+                              [gens[i] for i in idx], cfg, head_only)
+    return [m.eval() for m in models]
+
+
+def _finetune_stacked(models: list[SmallCNN], datas: list[ImageSet], gens: list[torch.Generator],
+                      cfg: ZooConfig, head_only: bool) -> None:
+    net = StackedCNN(models)
+    params = [net.fc_weight, net.fc_bias] if head_only else list(net.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = max(1, int(round(cfg.epochs * len(data) / cfg.batch_size)))
+    steps = max(1, int(round(cfg.epochs * len(datas[0]) / cfg.batch_size)))
     # linear decay to 0: the last iterate, not a noisy constant-lr one, becomes the p-model
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=steps)
-    model.train()
-    for idx in _batches(len(data), cfg.batch_size, gen, cfg.epochs):
-        loss = F.cross_entropy(model(to_float(data.images[idx])), data.labels[idx])
+    batches = [_batches(len(d), cfg.batch_size, g, cfg.epochs)
+               for d, g in zip(datas, gens, strict=True)]
+    for idx in zip(*batches, strict=True):
+        x = torch.stack([to_float(d.images[i]) for d, i in zip(datas, idx, strict=True)])
+        y = torch.stack([d.labels[i] for d, i in zip(datas, idx, strict=True)])
+        loss = F.cross_entropy(net.logits_kn(x), y, reduction="none").mean(dim=1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return model.eval()
+    net.load_into(models)
+
+
+def finetune_pmodel(generic: SmallCNN, arch: str, task: Sequence[int], train: ImageSet,
+                    cfg: ZooConfig, seed: int, head_only: bool = False) -> SmallCNN:
+    """One p-model: `finetune_pmodels` for a single (task, seed)."""
+    return finetune_pmodels(generic, arch, [task], train, cfg, [seed], head_only)[0]
 
 
 @dataclass
@@ -145,7 +187,7 @@ class ZooEntry:
     val_acc: float
     n_params: int
     file: str
-    finetune_s: float
+    finetune_s: float  # seconds of fine-tuning: its share of its stacked batch (tina.stacked)
 
 
 class ZooStore:
@@ -238,22 +280,28 @@ def build_zoo(store: ZooStore, tasks: Sequence[tuple[int, ...]], generic: SmallC
     todo = [i for i in (range(len(tasks)) if indices is None else indices)
             if f"{kind.prefix}-{i:05d}" not in done]
     written = []
-    for i in tqdm(todo, desc=f"{kind.folder}[{writer}]", disable=not progress):
-        task = tasks[i]
-        seed = cfg.seed * 100003 + kind.seed_offset + i
+    bar = tqdm(total=len(todo), desc=f"{kind.folder}[{writer}]", disable=not progress)
+    for c in range(0, len(todo), cfg.pmodels_per_batch):
+        chunk = todo[c: c + cfg.pmodels_per_batch]
+        seeds = [cfg.seed * 100003 + kind.seed_offset + i for i in chunk]
         t0 = time.perf_counter()
-        model = finetune_pmodel(generic, arch, task, train, cfg, seed, head_only)
-        dt = time.perf_counter() - t0
-        v = val.task(task, max_per_class=val_per_class)
-        acc = float(accuracy(logits_of(model, v.images), v.labels))
-        layout = ParamLayout(model)
-        flat = layout.flatten({k: p.detach() for k, p in model.named_parameters()})
-        entry = ZooEntry(
-            id=f"{kind.prefix}-{i:05d}", dataset=dataset, arch=arch,
-            classes=[train.classes[c] for c in task], class_ids=list(task), seed=seed,
-            train_size=min(len(train.task(task)), cfg.max_train_images or 10**12), val_acc=acc,
-            n_params=layout.n_params, file=f"params/{kind.prefix}-{i:05d}.safetensors",
-            finetune_s=dt)
-        store.put(entry, flat, writer)
-        written.append(entry)
+        models = finetune_pmodels(generic, arch, [tasks[i] for i in chunk], train, cfg, seeds,
+                                  head_only)
+        dt = (time.perf_counter() - t0) / len(chunk)
+        for i, seed, model in zip(chunk, seeds, models, strict=True):
+            task = tasks[i]
+            v = val.task(task, max_per_class=val_per_class)
+            acc = float(accuracy(logits_of(model, v.images), v.labels))
+            layout = ParamLayout(model)
+            flat = layout.flatten({k: p.detach() for k, p in model.named_parameters()})
+            entry = ZooEntry(
+                id=f"{kind.prefix}-{i:05d}", dataset=dataset, arch=arch,
+                classes=[train.classes[c] for c in task], class_ids=list(task), seed=seed,
+                train_size=min(len(train.task(task)), cfg.max_train_images or 10**12),
+                val_acc=acc, n_params=layout.n_params,
+                file=f"params/{kind.prefix}-{i:05d}.safetensors", finetune_s=dt)
+            store.put(entry, flat, writer)
+            written.append(entry)
+        bar.update(len(chunk))
+    bar.close()
     return written
