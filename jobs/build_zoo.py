@@ -41,7 +41,9 @@ from tina.errors import TinaError, run_reporting_user_errors
 from tina.tasks import LabelSpace, Splits, Task, make_splits
 from tina.zoo import REFERENCE, ZOO, StoreKind, ZooEntry, ZooStore, build_zoo
 
-REPORTS = 10  # progress reports per run (the same on every worker: report is a collective)
+# at most this many progress reports per run (the same number on every worker: report is a
+# collective)
+REPORTS = 10
 
 
 def _train_loop(config: dict) -> None:
@@ -63,7 +65,9 @@ def _train_loop(config: dict) -> None:
     store = ZooStore(config["zoo_dir"])
     mine = list(range(rank, len(tasks), world))
     per_rank = math.ceil(len(tasks) / world)
-    chunk = max(1, math.ceil(per_rank / REPORTS))
+    # whole stacked batches per chunk: a chunk of 9 would fine-tune 8 together and 1 alone
+    b = cfg.zoo.pmodels_per_batch
+    chunk = b * max(1, math.ceil(per_rank / REPORTS / b))
     counts = torch.zeros(2, dtype=torch.float64, device=ray.train.torch.get_device())
     t0 = time.perf_counter()
     for c in range(math.ceil(per_rank / chunk)):

@@ -213,7 +213,8 @@ def _markdown(report: dict, verdicts: dict, plots: list[str]) -> str:
     lines += ["## Timing", "",
               f"Seconds per generated model: {_f(g.get('batch_1'))} at batch 1, "
               f"{_f(g.get('batch_32'))} at batch 32 ({r.get('sampler')}, {r.get('steps')} "
-              f"steps); seconds per fine-tuned p-model: {_f(t.get('finetune_s_per_model'))}.",
+              f"steps); seconds per fine-tuned p-model: {_f(t.get('finetune_s_per_model'))} (the "
+              f"zoo's, {t.get('pmodels_per_batch', 1)} fine-tuned at once per core).",
               f"Pipeline wall time: {_f(t.get('pipeline_wall_s'), 0)} s; stages (s): "
               + ", ".join(f"{k} {v}" for k, v in (t.get("stages_s") or {}).items()) + ".", ""]
     if plots:
