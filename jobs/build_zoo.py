@@ -2,8 +2,9 @@
 
     python -m jobs.build_zoo --config configs/demo.yaml --out runs/demo --num-workers 2
 
-The same job fine-tunes the evaluation's `finetuned` references (tina.zoo.REFERENCE: the zoo's
-recipe on the val, ood and unseen tasks) into <out>/finetuned (`stage_references_ray`).
+In the pipeline the same run then fine-tunes the evaluation's `finetuned` references
+(tina.zoo.REFERENCE: the zoo's recipe on the val, ood and unseen tasks) into <out>/finetuned
+(`stage_zoo_ray`; `stage_references_ray` fills them alone when only they are missing).
 Worker r fine-tunes tasks i with i % world_size == r (`tina.zoo.build_zoo`) and writes its own
 p-model files and its own manifest shard `manifest-rank<r>.jsonl`, so no two writers share a
 file; the driver merges the shards into manifest.jsonl after the run. A re-submitted job skips
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,8 +50,6 @@ REPORTS = 10
 
 def _train_loop(config: dict) -> None:
     import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
 
     cfg = from_dict(config["cfg"])
     worker_threads(config["cpus"])
@@ -60,9 +60,19 @@ def _train_loop(config: dict) -> None:
     generic = build_model(cfg.arch.name, train.images.shape[1], len(train.classes))
     generic.load_state_dict(config["generic"])
     generic.eval()
-    tasks = [tuple(t) for t in config["tasks"]]
-    kind = StoreKind(**config["kind"])
-    store = ZooStore(config["zoo_dir"])
+    for part in config["parts"]:
+        _fill_store(cfg, part, generic, train, val, rank, world)
+
+
+def _fill_store(cfg: PipelineConfig, part: dict, generic: SmallCNN, train: ImageSet,
+                val: ImageSet, rank: int, world: int) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    tasks = [tuple(t) for t in part["tasks"]]
+    kind = StoreKind(**part["kind"])
+    store = ZooStore(part["zoo_dir"])
     mine = list(range(rank, len(tasks), world))
     per_rank = math.ceil(len(tasks) / world)
     # whole stacked batches per chunk: a chunk of 9 would fine-tune 8 together and 1 alone
@@ -81,44 +91,56 @@ def _train_loop(config: dict) -> None:
             dist.all_reduce(step)  # every worker's counts, so the kept (rank 0) metrics are global
         counts += step
         elapsed = time.perf_counter() - t0
-        ray.train.report({"chunk": c + 1, "written": int(counts[0]), "skipped": int(counts[1]),
+        ray.train.report({"store": kind.folder, "chunk": c + 1, "written": int(counts[0]),
+                          "skipped": int(counts[1]),
                           "pmodels_per_s": float(counts[0]) / max(elapsed, 1e-9),
                           "elapsed_s": elapsed})
 
 
+Parts = Sequence[tuple[StoreKind, list[Task]]]
+
+
 def zoo_trainer(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: list[Task],
-                opts: RayOptions, name: str | None = None, kind: StoreKind = ZOO):
+                opts: RayOptions, name: str | None = None, kind: StoreKind = ZOO,
+                then: Parts = ()):
     """A TorchTrainer of opts.num_workers workers that fine-tunes `tasks` into <out>/<folder>
-    (<out>/zoo for the zoo, <out>/finetuned for the references)."""
+    (<out>/zoo for the zoo, <out>/finetuned for the references), then each (kind, tasks) of
+    `then` into its own folder: one worker-group start-up and dataset load for all of them."""
     from ray.train.torch import TorchTrainer
 
     state = {k: v.detach().cpu() for k, v in generic.state_dict().items()}
+    parts = [{"kind": asdict(k), "tasks": [list(t) for t in ts],
+              "zoo_dir": str((Path(out) / k.folder).resolve())}
+             for k, ts in [(kind, tasks), *then]]
     loop_cfg = {"cfg": worker_config(cfg), "cpus": opts.cpus_per_worker, "generic": state,
-                "tasks": [list(t) for t in tasks], "kind": asdict(kind),
-                "zoo_dir": str((Path(out) / kind.folder).resolve())}
+                "parts": parts}
     return TorchTrainer(_train_loop, train_loop_config=loop_cfg, scaling_config=scaling(opts),
                         run_config=run_config(opts, out, name or run_name(kind.folder)))
 
 
 def run_build_zoo(cfg: PipelineConfig, out: str | Path, generic: SmallCNN, tasks: list[Task],
-                  opts: RayOptions, name: str | None = None, kind: StoreKind = ZOO) -> dict:
-    """Build (or finish) the zoo (or with `kind=REFERENCE`, the references) on Ray and merge
-    its manifest.
+                  opts: RayOptions, name: str | None = None, kind: StoreKind = ZOO,
+                  then: Parts = ()) -> dict:
+    """Build (or finish) the zoo (or with `kind=REFERENCE`, the references), then the stores of
+    `then`, in one Ray run, and merge their manifests.
 
     Returns:
-        {"written", "skipped" (p-models found finished), "run_s" (wall seconds, worker start-up
-        included), "ray_run" (the run's storage path)}. Per-chunk progress and throughput went
-        through ray.train.report (Result.metrics stays empty: those reports carry no checkpoint).
+        {"written", "skipped" (p-models of `kind` found finished), "run_s" (wall seconds,
+        worker start-up included), "ray_run" (the run's storage path)}. Per-chunk progress and
+        throughput went through ray.train.report (Result.metrics stays empty: those reports
+        carry no checkpoint).
     """
     init_ray(opts)
-    store = ZooStore(Path(out) / kind.folder)  # creates the folder before the workers race to
-    before = {e.id for e in store.entries()}
+    stores = [ZooStore(Path(out) / k.folder) for k, _ in [(kind, tasks), *then]]  # folders
+    # exist before the workers race to create them
+    before = {e.id for e in stores[0].entries()}
     t0 = time.perf_counter()
-    result = zoo_trainer(cfg, out, generic, tasks, opts, name, kind).fit()
+    result = zoo_trainer(cfg, out, generic, tasks, opts, name, kind, then).fit()
     run_s = time.perf_counter() - t0
-    store.merge()
+    for store in stores:
+        store.merge()
     ids = kind.ids(len(tasks))
-    return {"written": len(ids & {e.id for e in store.entries()} - before),
+    return {"written": len(ids & {e.id for e in stores[0].entries()} - before),
             "skipped": len(ids & before), "run_s": run_s, "ray_run": result.path}
 
 
@@ -126,25 +148,30 @@ def stage_zoo_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, splits: Spli
                   generic: SmallCNN, train: ImageSet,
                   val: ImageSet) -> tuple[list[ZooEntry], torch.Tensor]:
     """`tina.pipeline.stage_zoo` with the fine-tuning as a Ray Train run (none when the store
-    already holds every task's p-model, as on a pipeline re-run)."""
-    return _stage_on_ray(opts, cfg, out, generic, splits.zoo, ZOO)
+    already holds every task's p-model, as on a pipeline re-run). The same run then fine-tunes
+    the evaluation's references, which `stage_references_ray` finds finished."""
+    return _stage_on_ray(opts, cfg, out, generic, [(ZOO, splits.zoo),
+                                                   (REFERENCE, splits.reference_tasks())])
 
 
 def stage_references_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, splits: Splits,
                          generic: SmallCNN, train: ImageSet,
                          val: ImageSet) -> tuple[list[ZooEntry], torch.Tensor]:
-    """`tina.pipeline.stage_references` as a Ray Train run of this job: the evaluation's
-    fine-tuning, in parallel like the zoo's."""
-    return _stage_on_ray(opts, cfg, out, generic, splits.reference_tasks(), REFERENCE)
+    """`tina.pipeline.stage_references` as a Ray Train run of this job (none when the zoo's run
+    already fine-tuned them): the evaluation's fine-tuning, in parallel like the zoo's."""
+    return _stage_on_ray(opts, cfg, out, generic, [(REFERENCE, splits.reference_tasks())])
 
 
 def _stage_on_ray(opts: RayOptions, cfg: PipelineConfig, out: Path, generic: SmallCNN,
-                  tasks: list[Task], kind: StoreKind) -> tuple[list[ZooEntry], torch.Tensor]:
-    store = ZooStore(out / kind.folder)
-    if {e.id for e in store.entries()} >= kind.ids(len(tasks)):
-        store.merge()
-    else:
-        run_build_zoo(cfg, out, generic, tasks, opts, kind=kind)
+                  parts: Parts) -> tuple[list[ZooEntry], torch.Tensor]:
+    """Fill every (kind, tasks) store not yet complete in one Ray run; load the first."""
+    todo = [(k, ts) for k, ts in parts
+            if not {e.id for e in ZooStore(out / k.folder).entries()} >= k.ids(len(ts))]
+    if todo:
+        (kind, tasks), *then = todo
+        run_build_zoo(cfg, out, generic, tasks, opts, kind=kind, then=then)
+    store = ZooStore(out / parts[0][0].folder)
+    store.merge()
     return store.load()
 
 

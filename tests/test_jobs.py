@@ -26,7 +26,7 @@ from tina.encoders import build_encoder
 from tina.generate import load_generator
 from tina.pipeline import generator_inputs
 from tina.tasks import LabelSpace, Splits
-from tina.zoo import ZooStore
+from tina.zoo import REFERENCE, ZooStore
 
 TINY = Path(__file__).parent / "tiny.yaml"
 # the generator run keeps checkpoints at steps 6, 12, 18, 24 and scores val at 12 and 24
@@ -95,6 +95,20 @@ def test_zoo_workers_write_one_manifest_shard_each_merged_into_every_task_once(
     assert merged == [f"pm-{i:05d}" for i in range(12)]
     flat = load_file(str(zoo / "params" / "pm-00003.safetensors"))["params"]
     assert flat.shape == (414,) and bool(torch.isfinite(flat).all())
+
+
+def test_the_zoo_run_also_fine_tunes_every_evaluation_reference(ray_run: dict) -> None:
+    """One Ray run (one worker-group start-up) fills both stores, sharded the same way."""
+    out = ray_run["out"]
+    splits = Splits.from_json(json.loads((out / "splits.json").read_text()))
+    ref = out / REFERENCE.folder
+    merged = [json.loads(line)["id"] for line in (ref / "manifest.jsonl").read_text().splitlines()]
+    assert merged == sorted(REFERENCE.ids(len(splits.reference_tasks())))
+    shards = sorted(p.name for p in ref.glob("manifest-*.jsonl"))
+    assert shards == ["manifest-rank0.jsonl", "manifest-rank1.jsonl"]
+    runs = [p.name for p in (out / "ray").iterdir()]
+    assert any(n.startswith("zoo-") for n in runs)
+    assert not any(n.startswith(f"{REFERENCE.folder}-") for n in runs)
 
 
 def test_a_resubmitted_zoo_job_skips_every_finished_pmodel(ray_run: dict) -> None:
