@@ -138,20 +138,19 @@ def finetune_pmodels(generic: SmallCNN, arch: str, tasks: Sequence[Sequence[int]
         # one stacked network, optimizer and lr schedule per group: its members share K, the step
         # count and the batch size
         groups.setdefault((len(task), steps, min(len(data), cfg.batch_size)), []).append(i)
-    for members in groups.values():
+    for (_, steps, _), members in groups.items():
         for c in range(0, len(members), cfg.pmodels_per_batch):
             idx = members[c: c + cfg.pmodels_per_batch]
             _finetune_stacked([models[i] for i in idx], [datas[i] for i in idx],
-                              [gens[i] for i in idx], cfg, head_only)
+                              [gens[i] for i in idx], steps, cfg, head_only)
     return [m.eval() for m in models]
 
 
 def _finetune_stacked(models: list[SmallCNN], datas: list[ImageSet], gens: list[torch.Generator],
-                      cfg: ZooConfig, head_only: bool) -> None:
+                      steps: int, cfg: ZooConfig, head_only: bool) -> None:
     net = StackedCNN(models)
     params = [net.fc_weight, net.fc_bias] if head_only else list(net.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = max(1, int(round(cfg.epochs * len(datas[0]) / cfg.batch_size)))
     # linear decay to 0: the last iterate, not a noisy constant-lr one, becomes the p-model
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=steps)
     batches = [_batches(len(d), cfg.batch_size, g, cfg.epochs)
