@@ -245,7 +245,9 @@ def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
                 track: PipelineRun) -> dict:
     # The generic model, the zoo and the image encoder run many tiny ops: one thread is nearly as
     # fast as two and does not collapse when another process shares the cores (two OpenMP threads
-    # then wait on each other, measured 10-40x slower). The denoiser's matmuls get train.threads.
+    # then wait on each other, measured 10-40x slower). The denoiser's matmuls, and the
+    # evaluation (sampling, and B models' convolutions over whole test sets, with nothing else
+    # running: 190 s at 2 threads vs 240 s at 1 for the demo), get train.threads.
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -281,7 +283,6 @@ def _run_stages(cfg: PipelineConfig, out: Path, command: str, stages: Stages,
     torch.set_num_threads(cfg.train.threads)
     gen, hist = timed("generator", stage_generator, cfg, out, space, generic, has_row, encoder,
                       zoo_entries, zoo_flats, info.in_channels, splits, stages.generator)
-    torch.set_num_threads(1)
     track.log_series("generator.loss", hist["loss"])
     track.log_history(hist.get("val", {}).get("history", []), prefix="generator.val")
     ctx = EvalContext(cfg=cfg, generator=gen, generic=generic, has_row=has_row,
