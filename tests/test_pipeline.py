@@ -179,3 +179,18 @@ def test_load_generator_builds_the_encoder_its_checkpoint_names(run):
     gen = load_generator(run / "generator")
     (model,) = gen.generate([["Bag", "digit 1"]], seeds=[3])
     assert model.fc.weight.shape[0] == 2
+
+
+def test_an_image_prompt_is_taken_for_its_nearest_seen_class(run):
+    from tina.generate import load_generator
+
+    gen = load_generator(run / "generator")
+    emb, has_row = gen.parts.class_emb, gen.parts.has_row
+    seen = has_row.nonzero().flatten().tolist()
+    # a seen class's own name embedding (an image encoder's ideal output) is taken for that class
+    assert gen.image_known(emb[seen]) == seen
+    # a held-out class's is taken for some seen class, never for itself (it has no row)
+    held = (~has_row).nonzero().flatten()
+    assert all(has_row[i] for i in gen.image_known(emb[held]))
+    c = gen.embedding_conditioning([emb[seen[:3]]], [gen.image_known(emb[seen[:3]])])
+    assert c.row_source[0, :3].tolist() == seen[:3] and not c.flag.any()

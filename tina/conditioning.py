@@ -3,8 +3,9 @@
 Each class token's features are [prompt embedding (D) | unknown flag (1) | base row (d+1)]:
 - the embedding of the class name (or of example images, or a description) from the prompt
   encoder, one class at a time with no template (Tina sec. 3.2);
-- the flag is 1 when the class has no generic row (a held-out class, free text, an image prompt):
-  its base row is then the generic row of the nearest seen class name by cosine similarity;
+- the flag is 1 when the class has no generic row (a held-out class, free text): its base row is
+  then the generic row of the nearest seen class name by cosine similarity (an image prompt is
+  taken for its nearest seen class instead, unflagged: `Generator.image_known`);
 - the base row itself, standardized, so the network knows what its residual is added to.
 Rows [k, K_max) are padding: zero features and masked out of attention.
 """

@@ -219,7 +219,8 @@ def _text_split(ev: Evaluator, name: str, tasks: list[Task], which: str, seeds: 
 def _image_split(ev: Evaluator, name: str, n_img: int, opts: dict) -> tuple[Scores, dict]:
     """The ood tasks prompted with n_img training images per class, cfg.eval.image_draws draws.
 
-    tina: image embeddings (encode_prompt_images) as class tokens, no known class ids.
+    tina: image embeddings (encode_prompt_images) as class tokens, each class taken for its
+    nearest seen class name (`Generator.image_known`) for the base row.
     classify_then_text: the generic model names each class from the same images (vote_names),
     and that name prompt goes to tina as text. Draw d samples with seed cfg.eval.seeds[d % S].
     """

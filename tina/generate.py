@@ -174,6 +174,18 @@ class Generator:
         ks = torch.tensor([len(e) for e in embs])
         return self.conditioner.build(emb, kn, ks)
 
+    def image_known(self, emb: torch.Tensor) -> list[int]:
+        """Image-prompt embeddings (k, D) unit vectors -> the seen class id each one is taken for.
+
+        An example image's class is the seen class whose name embedding is nearest (zero-shot
+        classification in the text space, as DeViSE and CLIP do), and its generic row is the base,
+        as for that class's name. Flagging image prompts as classes without a row (the held-out
+        treatment, which training teaches with the nearest *other* class's row as base) made every
+        image-prompted model move away from the right row: 0.18-0.27 on the demo's image splits
+        against 0.62-0.77 for naming each class with the generic model (24dbfb2, seeds 1-2).
+        """
+        return self.conditioner.nearest_seen(emb).tolist()
+
     def _lookup(self, name: str) -> int:
         try:
             return self.label_space.index(name)

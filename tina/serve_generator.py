@@ -131,7 +131,7 @@ class Generator:
                 raise PromptError("examples: this checkpoint has no image encoder; pass class "
                                   "names, or train one (tina pipeline writes image_encoder/)")
             emb = torch.cat([encode_prompt_images(self.image_encoder, x[None]) for x in examples])
-            known = [-1] * len(keys)
+            known = g.image_known(emb)
         else:
             ids = [g._lookup(n) for n in names]
             emb = g.encoder.encode_text([g.label_space.classes[i] if i >= 0 else n
