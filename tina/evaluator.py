@@ -265,10 +265,11 @@ class Evaluator:
         for chunk in tqdm(chunks, desc=desc, disable=not self.progress or not chunks):
             if isinstance(chunk[0].content, list):
                 c = self.gen.text_conditioning([p.content for p in chunk])
-            else:  # image embeddings: each class is taken for its nearest seen class name
-                c = self.gen.embedding_conditioning([p.content for p in chunk],
-                                                    [self.gen.image_known(p.content)
-                                                     for p in chunk])
+            else:  # image embeddings: each class is taken for its nearest seen class name;
+                # the null prompt names none
+                c = self.gen.embedding_conditioning([p.content for p in chunk], [
+                    [-1] * len(p.content) if p.null else self.gen.image_known(p.content)
+                    for p in chunk])
             seeds = [prompt_seed(p.seed, p.seed_names) for p in chunk]
             flat = self._to_full(self.gen.sample(c, seeds, null=chunk[0].null, **opts))
             for p, f in zip(chunk, flat, strict=True):
