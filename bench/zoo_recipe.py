@@ -68,6 +68,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a `tina pipeline` output with a generic model")
     p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set arch.name=cnn-200")
     p.add_argument("--tasks", type=int, default=10, help="the first N val tasks")
     p.add_argument("--transfer", type=int, default=0,
                    help="also fine-tune the first N zoo tasks and score their mean residual")
@@ -76,7 +78,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/zoo_recipe.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    run, cfg = Path(args.run), load_config(args.config)
+    run, cfg = Path(args.run), load_config(args.config, args.set)
     train, val = (load_split(cfg.data.dataset, s) for s in ("train", "val"))
     space = LabelSpace(train.classes, cfg.data.held_out)
     splits = Splits.from_json(json.loads((run / "splits.json").read_text()))

@@ -40,6 +40,9 @@ class RayOptions:
     pid_dir: str | None = None  # if set, each generator-training worker writes rank<r>.json
     start_timeout_s: float = 300.0  # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless already set
     generator_workers: int | None = None  # the pipeline's generator run; None: see for_generator
+    # start the dashboard with a new local cluster: off, as its processes take CPU from every
+    # stage on a small machine; a joined cluster keeps its own
+    dashboard: bool = False
 
     def for_generator(self) -> RayOptions:
         """The placement of the pipeline's generator run: `generator_workers` DDP workers sharing
@@ -83,6 +86,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--generator-workers", type=int, default=None,
                    help="DDP workers of the pipeline's generator run, sharing the CPUs of "
                         "--num-workers (default: --num-workers with --use-gpu, else 1)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the Ray dashboard with a new local cluster (off: it costs CPU)")
     return p
 
 
@@ -90,7 +95,8 @@ def options(args: argparse.Namespace) -> RayOptions:
     """RayOptions from parsed `add_args` flags."""
     return RayOptions(address=args.address, num_workers=args.num_workers, use_gpu=args.use_gpu,
                       cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path,
-                      max_failures=args.max_failures, generator_workers=args.generator_workers)
+                      max_failures=args.max_failures, generator_workers=args.generator_workers,
+                      dashboard=args.dashboard)
 
 
 def config(args: argparse.Namespace) -> PipelineConfig:
@@ -116,7 +122,11 @@ def init_ray(opts: RayOptions) -> None:
 
     os.environ.setdefault(START_TIMEOUT_ENV, str(opts.start_timeout_s))
     if not ray.is_initialized():
-        ray.init(address=opts.address or os.environ.get("RAY_ADDRESS") or "local")
+        address = opts.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", include_dashboard=opts.dashboard)
 
 
 def run_name(stage: str) -> str:

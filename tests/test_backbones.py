@@ -18,6 +18,7 @@ from tina.errors import ConfigError
 
 # the paper's CNN is 5,370 parameters at 3 channels and K=10 (Tina sec. 4); the rest are ours
 PARAM_COUNTS = {
+    ("cnn-200", 1): 230, ("cnn-200", 3): 302,
     ("cnn-400", 1): 414, ("cnn-400", 3): 486,
     ("cnn-1k", 1): 1_394, ("cnn-1k", 3): 1_538,
     ("cnn-5k", 1): 5_082, ("cnn-5k", 3): 5_370,

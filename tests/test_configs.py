@@ -27,6 +27,7 @@ from format_data import (
 )
 
 from tina.config import load_config
+from tina.dit import dit_size
 from tina.pipeline import run_pipeline
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -137,6 +138,9 @@ def test_config_runs_end_to_end_on_small_real_format_data(path: Path, tmp_path: 
     assert meta["arch"]["name"] == raw["arch"]["name"]
     assert meta["encoder"]["name"] == raw["encoder"]["name"]
     assert meta["dit"]["config"]["preset"] == as_written.dit.preset
+    # the checkpoint records the size the preset gave, not the fields it overrode
+    size = [meta["dit"]["config"][k] for k in ("width", "depth", "heads")]
+    assert tuple(size) == dit_size(as_written.dit)
     assert meta["train"]["steps"] == 2
     assert len(json.loads((out / "generator" / "train_history.json").read_text())["loss"]) == 2
     if raw["encoder"]["name"] == "clip":

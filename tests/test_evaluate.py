@@ -171,12 +171,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvalContext, dict, di
     return ctx, choice, evaluate(ctx, choice, progress=False)
 
 
-def test_select_on_val_is_greedy_over_ema_guidance_steps_then_residual_scale(run):
+def test_select_on_val_is_greedy_over_ema_steps_guidance_then_residual_scale(run):
     ctx, choice, _ = run
     keys = ("use_ema", "guidance", "steps", "residual_scale")
     tried = [tuple(g[k] for k in keys) for g in choice["grid"]]
     assert tried[:2] == [(True, 1.0, 5, 1.0), (False, 1.0, 5, 1.0)]  # default, then raw weights
-    assert tried[2][1:] == (2.0, 5, 1.0) and tried[3][1:] == (choice["guidance"], 3, 1.0)
+    assert tried[2][1:] == (1.0, 3, 1.0) and tried[3][1:] == (2.0, choice["steps"], 1.0)
     assert tried[4][1:] == (choice["guidance"], choice["steps"], 0.5)
     assert len(tried) == len(set(tried)) == 5  # a configuration is never sampled twice
     assert choice["val_acc"] == max(g["val_acc"] for g in choice["grid"])

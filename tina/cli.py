@@ -1,7 +1,7 @@
 """`tina` command line: pipeline, generate, serve, request.
 
     tina pipeline --config configs/demo.yaml --out runs/demo [--seed 1] [--set train.steps=500]
-        [--num-workers 2] [--generator-workers N] [--address ADDR] [--no-ray]
+        [--num-workers 2] [--generator-workers N] [--address ADDR] [--no-ray] [--dashboard]
     tina generate --checkpoint runs/demo/generator --class sneaker --class "T-shirt/top" --out m/
     tina serve --checkpoint runs/demo/generator [--port 8000] [--set max_batch_size=16]
     tina request --url http://127.0.0.1:8000 --classes "sneaker,bag" --out model.safetensors
@@ -35,7 +35,7 @@ def _pipeline(args: argparse.Namespace) -> None:
         from jobs.pipeline import run_ray_pipeline
 
         opts = RayOptions(address=args.address, num_workers=args.num_workers,
-                          generator_workers=args.generator_workers)
+                          generator_workers=args.generator_workers, dashboard=args.dashboard)
         report = run_ray_pipeline(cfg, args.out, opts, command, config_path=args.config)
     print(f"report written to {Path(args.out) / 'report.json'} "
           f"({report['timing']['pipeline_wall_s']:.0f} s)")
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 1 on CPU, where DDP measured slower; see README)")
     pp.add_argument("--no-ray", action="store_true",
                     help="train every stage in this process instead of as Ray Train runs")
+    pp.add_argument("--dashboard", action="store_true",
+                    help="start the Ray dashboard with the local cluster (off: it costs CPU)")
     pp.set_defaults(fn=_pipeline)
     pg = sub.add_parser("generate", help="generate a classifier for the named classes")
     pg.add_argument("--checkpoint", required=True, help="generator directory (tina.json)")

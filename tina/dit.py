@@ -356,6 +356,19 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
+def dit_size(cfg: DiTConfig) -> tuple[int, int, int]:
+    """(width, depth, heads) of a DiT config: its preset's when set, else its own fields.
+
+    Raises:
+        ConfigError: unknown preset.
+    """
+    if cfg.preset is None:
+        return cfg.width, cfg.depth, cfg.heads
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"dit.preset {cfg.preset!r} unknown; use one of {sorted(PRESETS)}")
+    return PRESETS[cfg.preset]
+
+
 def build_dit(cfg: DiTConfig, token_lengths: list[int], cond_dim: int, k_max: int) -> TinaDiT:
     """Build a TinaDiT from its config; `cfg.preset`, when set, overrides width/depth/heads.
 
@@ -367,11 +380,7 @@ def build_dit(cfg: DiTConfig, token_lengths: list[int], cond_dim: int, k_max: in
     Raises:
         ConfigError: unknown preset, or a size/conditioning the network rejects.
     """
-    width, depth, heads = cfg.width, cfg.depth, cfg.heads
-    if cfg.preset is not None:
-        if cfg.preset not in PRESETS:
-            raise ConfigError(f"dit.preset {cfg.preset!r} unknown; use one of {sorted(PRESETS)}")
-        width, depth, heads = PRESETS[cfg.preset]
+    width, depth, heads = dit_size(cfg)
     return TinaDiT(
         token_lengths, cond_dim, k_max, width=width, depth=depth, heads=heads,
         mlp_ratio=cfg.mlp_ratio, conditioning=cfg.conditioning, dropout=cfg.dropout,

@@ -37,7 +37,7 @@ from tina.backbones import ParamLayout
 from tina.conditioning import Conditioner
 from tina.config import PipelineConfig
 from tina.diffusion import create_diffusion
-from tina.dit import build_dit
+from tina.dit import build_dit, dit_size
 from tina.errors import ConfigError
 from tina.generate import FORMAT_VERSION, Generator, Parts
 from tina.tokens import ParamNormalizer, ParamTokenizer, ResidualBase, pad_rows
@@ -161,13 +161,15 @@ def _full_meta(cfg: PipelineConfig, meta: dict[str, Any], tok: ParamTokenizer,
                conditioner: Conditioner, model: nn.Module) -> dict[str, Any]:
     # copies, not the config objects' own __dict__s: later edits of gen.meta (the val-selected
     # sampler settings) must not change the caller's config
+    dit_config = dict(vars(cfg.dit))  # the preset resolved: else its fields show the defaults
+    dit_config.update(zip(("width", "depth", "heads"), dit_size(cfg.dit), strict=True))
     return {
         **meta, "format_version": FORMAT_VERSION,
         "tokens": {"chunk_size": cfg.tokens.chunk_size, "head_tokens": cfg.tokens.head_tokens,
                    "parametrization": cfg.tokens.parametrization,
                    "normalization": cfg.tokens.normalization,
                    "n_tokens": tok.n_tokens, "token_len": tok.token_len},
-        "dit": {"config": dict(vars(cfg.dit)), "token_lengths": tok.token_lengths,
+        "dit": {"config": dit_config, "token_lengths": tok.token_lengths,
                 "cond_dim": conditioner.dim,
                 "n_params": sum(p.numel() for p in model.parameters())},
         "diffusion": dict(vars(cfg.diffusion)),
