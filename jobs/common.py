@@ -125,8 +125,12 @@ def init_ray(opts: RayOptions) -> None:
         address = opts.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
+        elif opts.dashboard:
+            ray.init(address="local")
         else:
-            ray.init(address="local", include_dashboard=opts.dashboard)
+            ray.init(address="local", include_dashboard=False,
+                     runtime_env={"worker_process_setup_hook":
+                                  "jobs.worker_setup.quiet_placement_group_cleaner"})
 
 
 def run_name(stage: str) -> str:

@@ -5,6 +5,7 @@ checkpoints, resume from a given checkpoint, and a worker killed mid-run."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -247,3 +248,25 @@ def test_a_job_run_as_a_command_reports_a_user_error_in_one_line(job: str, tmp_p
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: config file {missing} not found; "
                                              "see configs/ for examples"]
+
+
+def test_the_local_cluster_runs_the_worker_setup_hook() -> None:
+    """init_ray's own cluster (a subprocess: this session's cluster is already up) has no
+    dashboard, so every worker silences Ray Train's PlacementGroupCleaner, which would otherwise
+    warn every second that the State API is unreachable."""
+    code = """
+import logging, ray
+from jobs.common import RayOptions, init_ray
+init_ray(RayOptions())
+@ray.remote
+def level():
+    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    return logging.getLogger(name).level
+print("LEVEL", ray.get(level.remote()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("LEVEL"))
+    assert line.split()[1] == str(logging.ERROR)
