@@ -112,6 +112,16 @@ def worker_config(cfg: PipelineConfig) -> dict:
     return d
 
 
+def local_cluster_args(dashboard: bool = False) -> dict:
+    """`ray.init` keyword arguments of a new local cluster: without a dashboard, every worker
+    runs `jobs.worker_setup` (Ray Train's placement-group cleaner would warn every second)."""
+    if dashboard:
+        return {}
+    return {"include_dashboard": False,
+            "runtime_env": {"worker_process_setup_hook":
+                            "jobs.worker_setup.quiet_placement_group_cleaner"}}
+
+
 def init_ray(opts: RayOptions) -> None:
     """Join `opts.address` or $RAY_ADDRESS, else start a local cluster; no-op when connected.
 
@@ -125,12 +135,8 @@ def init_ray(opts: RayOptions) -> None:
         address = opts.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
-        elif opts.dashboard:
-            ray.init(address="local")
         else:
-            ray.init(address="local", include_dashboard=False,
-                     runtime_env={"worker_process_setup_hook":
-                                  "jobs.worker_setup.quiet_placement_group_cleaner"})
+            ray.init(address="local", **local_cluster_args(opts.dashboard))
 
 
 def run_name(stage: str) -> str:

@@ -47,7 +47,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """
     import ray
 
-    ctx = ray.init(num_cpus=4, include_dashboard=False)
+    from jobs.common import local_cluster_args
+
+    ctx = ray.init(num_cpus=4, **local_cluster_args())
     try:
         yield {"address": ctx.address_info["address"],
                "storage": str(tmp_path_factory.mktemp("ray_storage"))}
