@@ -36,7 +36,10 @@ def one_module(generic, arch: str, task: tuple[int, ...], train: ImageSet, zoo, 
     keep = torch.randperm(len(data), generator=gen)[: zoo.max_train_images]
     data = ImageSet(data.images[keep], data.labels[keep], data.classes)
     model = init_pmodel(generic, arch, task)
-    opt = torch.optim.Adam(model.parameters(), lr=zoo.lr)
+    convs = [m.weight for m in model.body if isinstance(m, torch.nn.Conv2d)]
+    frozen = convs[: zoo.frozen_convs]  # kept at the generic weights, as in tina.zoo
+    opt = torch.optim.Adam([p for p in model.parameters() if all(p is not f for f in frozen)],
+                           lr=zoo.lr)
     steps = 0
     for idx in _batches(len(data), zoo.batch_size, gen, zoo.epochs):
         loss = F.cross_entropy(model(to_float(data.images[idx])), data.labels[idx])
@@ -50,6 +53,8 @@ def one_module(generic, arch: str, task: tuple[int, ...], train: ImageSet, zoo, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set zoo.frozen_convs=0")
     p.add_argument("--tasks", type=int, default=16, help="p-models per measurement")
     p.add_argument("--epochs", type=float, default=0.5, help="shortened recipe for the timing")
     p.add_argument("--per-batch", type=int, action="append", default=None,
@@ -57,7 +62,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/finetune_speed.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     train = load_split(cfg.data.dataset, "train", root=cfg.data.root)
     n, k = len(train.classes), cfg.zoo.k
     tasks = [tuple((i + j) % n for j in range(k)) for i in range(args.tasks)]
@@ -84,7 +89,8 @@ def main() -> None:
     for r in rows:
         r["speedup"] = base / r["ms_per_pmodel_step"]
     res = {"command": "python " + " ".join(sys.argv), "git_commit": git_commit(), **machine(),
-           "arch": cfg.arch.name, "batch_size": cfg.zoo.batch_size, "tasks": len(tasks),
+           "arch": cfg.arch.name, "batch_size": cfg.zoo.batch_size,
+           "frozen_convs": cfg.zoo.frozen_convs, "tasks": len(tasks),
            "recipe_steps": full_steps, "timed_epochs": args.epochs,
            "best_speedup": max(r["speedup"] for r in rows[1:]),
            "rows": rows}

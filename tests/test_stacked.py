@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tina.backbones import ARCHS, build_model
-from tina.stacked import StackedCNN
+from tina.stacked import StackedCNN, frozen_input
 
 
 def models(arch: str, b: int, in_channels: int = 1, k: int = 5) -> list[torch.nn.Module]:
@@ -37,6 +37,32 @@ def test_logits_and_gradients_equal_each_models_own(arch: str, in_channels: int,
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(net.fc_bias.grad, torch.stack([m.fc.bias.grad for m in ms]),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["cnn-400", "cnn-14k"])
+def test_a_network_after_frozen_convs_computes_the_rest_of_each_model(arch: str) -> None:
+    n_convs = len(ARCHS[arch].widths)
+    for first in range(1, n_convs + 1):
+        ms = models(arch, 2)
+        with torch.no_grad():  # the frozen convs are every model's
+            for m in ms[1:]:
+                for a, b in zip(m.body[: 2 * first].parameters(),
+                                ms[0].body[: 2 * first].parameters(), strict=True):
+                    a.copy_(b)
+        x = torch.randn(2, 3, 1, 28, 28)
+        net = StackedCNN(ms, first)
+        assert len(net.convs) == n_convs - first
+        out = net(torch.stack([frozen_input(ms[0], first, x[b]) for b in range(2)]))
+        torch.testing.assert_close(out, torch.stack([m(x[b]) for b, m in enumerate(ms)]),
+                                   rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            net.fc_bias.add_(1.0)
+        net.load_into(ms)
+        assert torch.equal(ms[1].fc.bias, net.fc_bias[1])
+    with pytest.raises(ValueError, match="first=0"):
+        frozen_input(ms[0], 0, x[0])
+    with pytest.raises(ValueError, match=f"first={n_convs + 1}"):
+        StackedCNN(ms, n_convs + 1)
 
 
 def test_load_into_writes_each_models_own_parameters_back() -> None:

@@ -126,7 +126,9 @@ def recipe_one_at_a_time(generic, task, train, cfg, seed):
         keep = torch.randperm(len(data), generator=gen)[: cfg.max_train_images]
         data = ImageSet(data.images[keep], data.labels[keep], data.classes)
     model = init_pmodel(generic, ARCH, task)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    frozen = [c.weight for c in model.body if isinstance(c, torch.nn.Conv2d)][: cfg.frozen_convs]
+    opt = torch.optim.Adam([p for p in model.parameters() if all(p is not f for f in frozen)],
+                           lr=cfg.lr)
     steps = max(1, round(cfg.epochs * len(data) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=steps)
     for idx in _batches(len(data), cfg.batch_size, gen, cfg.epochs):
@@ -143,7 +145,8 @@ def test_pmodels_fine_tuned_together_equal_each_fine_tuned_alone(generic, data) 
     train = data[0]
     # 2- and 3-class tasks take different step counts (two groups); a cap draws a subset
     tasks = [(4, 2, 0), (1, 0), (0, 1, 2), (2, 4)]
-    for cfg in (zoo_cfg(pmodels_per_batch=3), zoo_cfg(max_train_images=100)):
+    for cfg in (zoo_cfg(pmodels_per_batch=3), zoo_cfg(max_train_images=100),
+                zoo_cfg(frozen_convs=1, pmodels_per_batch=3)):
         together = finetune_pmodels(model, ARCH, tasks, train, cfg, seeds=[5, 6, 7, 8])
         for task, seed, got in zip(tasks, [5, 6, 7, 8], together, strict=True):
             want = recipe_one_at_a_time(model, task, train, cfg, seed)
@@ -152,6 +155,15 @@ def test_pmodels_fine_tuned_together_equal_each_fine_tuned_alone(generic, data) 
                                          strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
             assert not torch.equal(got.fc.weight, init_pmodel(model, ARCH, task).fc.weight)
+
+
+def test_frozen_convs_keep_the_generic_weights_and_train_the_rest(generic, data) -> None:
+    model, _ = generic
+    p = finetune_pmodel(model, ARCH, (0, 2, 1), data[0], zoo_cfg(frozen_convs=1), seed=1)
+    assert torch.equal(p.body[0].weight, model.body[0].weight)
+    assert not torch.equal(p.body[2].weight, model.body[2].weight)
+    with pytest.raises(ValueError, match="frozen_convs=3"):
+        finetune_pmodel(model, ARCH, (0, 2, 1), data[0], zoo_cfg(frozen_convs=3), seed=1)
 
 
 def test_head_only_finetuning_keeps_the_generic_body(generic, data) -> None:
@@ -231,17 +243,19 @@ def test_build_zoo_stores_ordered_tasks_and_a_rerun_writes_nothing(tmp_path: Pat
     assert p[HEAD_WEIGHT].shape == (3, 8) and p[HEAD_BIAS].shape == (3,)
 
 
+@pytest.mark.parametrize("frozen", [0, 1])
 def test_reference_store_has_its_own_ids_and_seeds_and_the_zoo_recipe(tmp_path: Path, generic,
-                                                                      data) -> None:
+                                                                      data, frozen: int) -> None:
     model, _ = generic
     train, val = data
-    cfg = zoo_cfg(seed=7)
+    cfg = zoo_cfg(seed=7, frozen_convs=frozen)
     task = (4, 2, 0)
     ref = build_zoo(ZooStore(tmp_path / "finetuned"), [task], model, ARCH, train, val, cfg,
                     "textures", progress=False, kind=REFERENCE)
     assert [e.id for e in ref] == ["ft-00000"] and ref[0].file == "params/ft-00000.safetensors"
     assert ref[0].seed == 7 * 100003 + REFERENCE.seed_offset
     # the same function and recipe as finetune_pmodel with that seed: the evaluation's reference
+    # (with frozen convs build_zoo computes their output once for all images, here per call)
     want = finetune_pmodel(model, ARCH, task, train, cfg, ref[0].seed)
     _, flats = ZooStore(tmp_path / "finetuned").load()
     got = ParamLayout(build_model(ARCH, 1, 3)).unflatten(flats[0])

@@ -75,6 +75,9 @@ class ZooConfig:
     # p-models trained together as one stacked network (tina.stacked): the same p-models as one
     # at a time, faster per p-model until the stacked activations leave the cache
     pmodels_per_batch: int = 8
+    # the first N convs keep the generic model's weights (low-level features transfer between
+    # class sets): their output is computed once per image, so a step costs far less
+    frozen_convs: int = 0
     seed: int = 0
 
 

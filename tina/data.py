@@ -139,6 +139,16 @@ class ImageSet:
         max_per_class caps each class (a random subset drawn with `generator`, else the first
         rows). Raises ValueError on repeated class ids, IndexError on unknown ones.
         """
+        rows, labels = self.task_rows(class_ids, max_per_class, generator)
+        names = [self.classes[int(c)] for c in class_ids]
+        return ImageSet(_gather(self.images, rows), labels, names)
+
+    def task_rows(self, class_ids: Sequence[int], max_per_class: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`task` without copying images: (rows (n,) int64 into this set, labels (n,) int64).
+
+        Raises ValueError on repeated class ids, IndexError on unknown ones.
+        """
         ids = [int(c) for c in class_ids]
         if len(set(ids)) != len(ids):
             raise ValueError(f"repeated class ids in {ids}")
@@ -154,7 +164,7 @@ class ImageSet:
         rows = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
         labels = torch.from_numpy(np.repeat(np.arange(len(ids), dtype=np.int64),
                                             [len(p) for p in parts]))
-        return ImageSet(_gather(self.images, rows), labels, [self.classes[c] for c in ids])
+        return rows, labels
 
 
 def _gather(images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

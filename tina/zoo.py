@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from tina.backbones import ParamLayout, SmallCNN, build_model
 from tina.config import GenericConfig, ZooConfig
 from tina.data import ImageSet, to_float
 from tina.scoring import accuracy, logits_of
-from tina.stacked import StackedCNN
+from tina.stacked import StackedCNN, frozen_input
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator, epochs: float):
@@ -107,57 +108,93 @@ def init_pmodel(generic: SmallCNN, arch: str, task: Sequence[int]) -> SmallCNN:
 
 def finetune_pmodels(generic: SmallCNN, arch: str, tasks: Sequence[Sequence[int]],
                      train: ImageSet, cfg: ZooConfig, seeds: Sequence[int],
-                     head_only: bool = False) -> list[SmallCNN]:
+                     head_only: bool = False,
+                     features: torch.Tensor | None = None) -> list[SmallCNN]:
     """Fine-tune one p-model per ordered task (label-space ids) from the generic model.
 
     Labels are re-indexed to prompt order (output i means task[i]). Each p-model gets Adam for
     `cfg.epochs` passes over at most `cfg.max_train_images` of its task's training images, the
-    learning rate decayed linearly to 0. Up to `cfg.pmodels_per_batch` p-models train at once as
-    one `tina.stacked.StackedCNN`: p-model i still depends only on (tasks[i], seeds[i]), since its
-    images and their order come from its own generator, Adam acts elementwise and the loss is the
-    sum of the per-model mean losses, so training it alone gives it up to float rounding.
+    learning rate decayed linearly to 0. The first `cfg.frozen_convs` convs (every conv if
+    `head_only`) keep the generic model's weights: their output is computed once per image, not
+    once per step, and the rest trains on it. Up to `cfg.pmodels_per_batch` p-models train at
+    once as one `tina.stacked.StackedCNN`: p-model i still depends only on (tasks[i], seeds[i]),
+    since its images and their order come from its own generator, Adam acts elementwise and the
+    loss is the sum of the per-model mean losses, so training it alone gives it up to float
+    rounding.
 
+    Args:
+        features: `frozen_features(generic, frozen, train.images)` where several calls share it
+            (`build_zoo`); None computes the frozen layers' output for this call's images only.
     Returns:
         the p-models in task order, in eval mode.
     Raises:
-        ValueError: `tasks` and `seeds` differ in length.
+        ValueError: `tasks` and `seeds` differ in length, or `cfg.frozen_convs` exceeds the
+            architecture's convs.
     """
     if len(tasks) != len(seeds):
         raise ValueError(f"{len(tasks)} tasks but {len(seeds)} seeds")
     models = [init_pmodel(generic, arch, t) for t in tasks]
-    datas, gens, groups = [], [], {}
+    frozen = n_frozen(generic, cfg, head_only)
+    rows, labels, gens, groups = [], [], [], {}
     for i, (task, seed) in enumerate(zip(tasks, seeds, strict=True)):
         gen = torch.Generator().manual_seed(seed)
-        data = train.task(task)
-        if cfg.max_train_images and len(data) > cfg.max_train_images:
-            keep = torch.randperm(len(data), generator=gen)[: cfg.max_train_images]
-            data = ImageSet(data.images[keep], data.labels[keep], data.classes)
-        datas.append(data)
+        r, y = train.task_rows(task)
+        if cfg.max_train_images and len(r) > cfg.max_train_images:
+            keep = torch.randperm(len(r), generator=gen)[: cfg.max_train_images]
+            r, y = r[keep], y[keep]
+        rows.append(r)
+        labels.append(y)
         gens.append(gen)
-        steps = max(1, int(round(cfg.epochs * len(data) / cfg.batch_size)))
+        steps = max(1, int(round(cfg.epochs * len(r) / cfg.batch_size)))
         # one stacked network, optimizer and lr schedule per group: its members share K, the step
         # count and the batch size
-        groups.setdefault((len(task), steps, min(len(data), cfg.batch_size)), []).append(i)
+        groups.setdefault((len(task), steps, min(len(r), cfg.batch_size)), []).append(i)
+    inputs = train.images if not frozen else features
+    if frozen and features is None:  # only the rows these tasks use, re-indexed
+        used = torch.unique(torch.cat(rows))
+        where = torch.full((len(train),), -1, dtype=torch.int64)
+        where[used] = torch.arange(len(used))
+        inputs = frozen_features(generic, frozen, train.images[used])
+        rows = [where[r] for r in rows]
     for (_, steps, _), members in groups.items():
         for c in range(0, len(members), cfg.pmodels_per_batch):
             idx = members[c: c + cfg.pmodels_per_batch]
-            _finetune_stacked([models[i] for i in idx], [datas[i] for i in idx],
-                              [gens[i] for i in idx], steps, cfg, head_only)
+            _finetune_stacked([models[i] for i in idx], inputs, [rows[i] for i in idx],
+                              [labels[i] for i in idx], [gens[i] for i in idx], steps, cfg,
+                              frozen)
     return [m.eval() for m in models]
 
 
-def _finetune_stacked(models: list[SmallCNN], datas: list[ImageSet], gens: list[torch.Generator],
-                      steps: int, cfg: ZooConfig, head_only: bool) -> None:
-    net = StackedCNN(models)
-    params = [net.fc_weight, net.fc_bias] if head_only else list(net.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+def n_frozen(generic: SmallCNN, cfg: ZooConfig, head_only: bool) -> int:
+    """How many leading convs p-models keep at the generic weights: all of them if `head_only`,
+    else `cfg.frozen_convs`. Raises ValueError when that exceeds the architecture's convs."""
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in generic.body)
+    if cfg.frozen_convs > n_convs:
+        raise ValueError(f"zoo.frozen_convs={cfg.frozen_convs} but the architecture has "
+                         f"{n_convs} convs")
+    return n_convs if head_only else cfg.frozen_convs
+
+
+def frozen_features(generic: SmallCNN, frozen: int, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> `tina.stacked.frozen_input` of them (float32, N first): the
+    input of p-models whose first `frozen` convs keep the generic model's weights."""
+    return torch.cat([frozen_input(generic, frozen, to_float(images[c: c + 4096]))
+                      for c in range(0, len(images), 4096)])
+
+
+def _finetune_stacked(models: list[SmallCNN], inputs: torch.Tensor, rows: list[torch.Tensor],
+                      labels: list[torch.Tensor], gens: list[torch.Generator], steps: int,
+                      cfg: ZooConfig, first: int) -> None:
+    net = StackedCNN(models, first)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     # linear decay to 0: the last iterate, not a noisy constant-lr one, becomes the p-model
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=steps)
-    batches = [_batches(len(d), cfg.batch_size, g, cfg.epochs)
-               for d, g in zip(datas, gens, strict=True)]
+    batches = [_batches(len(r), cfg.batch_size, g, cfg.epochs)
+               for r, g in zip(rows, gens, strict=True)]
     for idx in zip(*batches, strict=True):
-        x = torch.stack([to_float(d.images[i]) for d, i in zip(datas, idx, strict=True)])
-        y = torch.stack([d.labels[i] for d, i in zip(datas, idx, strict=True)])
+        x = torch.stack([inputs[r[i]] for r, i in zip(rows, idx, strict=True)])
+        x = to_float(x) if x.dtype == torch.uint8 else x
+        y = torch.stack([y[i] for y, i in zip(labels, idx, strict=True)])
         loss = F.cross_entropy(net.logits_kn(x), y, reduction="none").mean(dim=1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,13 +316,16 @@ def build_zoo(store: ZooStore, tasks: Sequence[tuple[int, ...]], generic: SmallC
     todo = [i for i in (range(len(tasks)) if indices is None else indices)
             if f"{kind.prefix}-{i:05d}" not in done]
     written = []
+    frozen = n_frozen(generic, cfg, head_only)
+    # computed once for every chunk (one pass over the training images, ~1 s for 100k)
+    features = frozen_features(generic, frozen, train.images) if frozen and todo else None
     bar = tqdm(total=len(todo), desc=f"{kind.folder}[{writer}]", disable=not progress)
     for c in range(0, len(todo), cfg.pmodels_per_batch):
         chunk = todo[c: c + cfg.pmodels_per_batch]
         seeds = [cfg.seed * 100003 + kind.seed_offset + i for i in chunk]
         t0 = time.perf_counter()
         models = finetune_pmodels(generic, arch, [tasks[i] for i in chunk], train, cfg, seeds,
-                                  head_only)
+                                  head_only, features)
         dt = (time.perf_counter() - t0) / len(chunk)
         for i, seed, model in zip(chunk, seeds, models, strict=True):
             task = tasks[i]
