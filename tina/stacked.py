@@ -5,7 +5,7 @@ channels, 3x3 kernels): most of a fine-tuning step goes to oneDNN's convolution 
 every conv is an im2col into (B, C*9, Ho*Wo*N) and one batched matmul, with activations laid out
 (B, C, H, W, N): the image axis innermost, so each of the nine shifted windows is a copy of
 contiguous runs of N values and the B models share every op. Measured by bench/finetune_speed.py
-(one thread, cnn-400, batch 128): see bench/results/finetune_speed.json.
+(one thread, the demo's cnn-400 recipe): see bench/results/finetune_speed.json.
 
 The function computed is exactly `SmallCNN.forward` of each model (tests/test_stacked.py compares
 logits and gradients); only the order of float additions differs.
@@ -135,8 +135,8 @@ def frozen_input(model: SmallCNN, first: int, x: torch.Tensor) -> torch.Tensor:
     first `first` convs are every model's: their conv+ReLU output (N, C', H', W') float32, or,
     when `first` is the number of convs, the pooled features (N, D) float32.
 
-    (Precomputing conv `first`'s 3x3 windows instead was slower per step: gathering a batch's
-    windows moves 2.25x the bytes, bench of 2026-12-02.)
+    (Precomputing conv `first`'s 3x3 windows instead was slower: for a stride-2 conv a batch's
+    windows are 2.25x the bytes to gather, 17-19 against 13-14 us per p-model image for cnn-400.)
 
     Raises:
         ValueError: `first` is 0 (the input is then the images) or past the last conv.
