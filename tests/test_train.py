@@ -358,6 +358,17 @@ def test_from_checkpoint_refuses_a_missing_directory(tmp_path: Path) -> None:
         Generator.from_checkpoint(tmp_path / "nowhere", CharCountEncoder())
 
 
+@pytest.mark.parametrize(("name", "match"), [("tina.json", "not valid JSON"),
+                                             ("tina.safetensors", "not a readable safetensors")])
+def test_from_checkpoint_names_a_damaged_file(trained: dict, tmp_path: Path, name: str,
+                                              match: str) -> None:
+    for f in ("tina.json", "tina.safetensors"):
+        data = (Path(trained["ckpt"]) / f).read_bytes()
+        (tmp_path / f).write_bytes(data[: len(data) // 2] if f == name else data)  # truncated
+    with pytest.raises(CheckpointError, match=match):
+        Generator.from_checkpoint(tmp_path, CharCountEncoder())
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_a_prompt_generates_the_same_model_alone_and_inside_a_batch(trained: dict,
                                                                     sampler: str) -> None:

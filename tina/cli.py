@@ -51,8 +51,8 @@ def _generate(args: argparse.Namespace) -> None:
     if not meta_p.is_file():
         raise TinaError(f"{ckpt}: no tina.json here; pass the generator directory "
                         "(e.g. runs/demo/generator)")
+    gen = load_generator(ckpt)  # validates the checkpoint: a damaged one is a CheckpointError
     meta = _json.loads(meta_p.read_text())
-    gen = load_generator(ckpt)
     model = gen.generate([args.classes], [args.seed], sampler=args.sampler, steps=args.steps,
                          guidance=args.guidance)[0]
     out = Path(args.out)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -108,15 +109,20 @@ class Generator:
             encoder: the prompt encoder to use; its name and version must match the checkpoint's.
             expect: optional {"dataset", "arch", "encoder"} the caller's config requires.
         Raises:
-            CheckpointError: missing files, unknown format version, or a mismatched encoder,
-                label space or architecture (the message names both sides).
+            CheckpointError: missing or damaged files, unknown format version, or a mismatched
+                encoder, label space or architecture (the message names both sides).
         """
         path = Path(path)
         meta_p, w_p = path / "tina.json", path / "tina.safetensors"
         if not meta_p.is_file() or not w_p.is_file():
             raise CheckpointError(f"{path}: no tina.json + tina.safetensors here; pass the "
-                                  "directory written by `tina pipeline` or `tina train`")
-        meta = json.loads(meta_p.read_text())
+                                  "generator directory written by `tina pipeline` "
+                                  "(e.g. runs/demo/generator)")
+        try:
+            meta = json.loads(meta_p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{meta_p} is not valid JSON ({e}): the checkpoint is damaged; "
+                                  "copy it again or retrain") from e
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is not "
                                   f"{FORMAT_VERSION}; regenerate it with this version of tina")
@@ -131,7 +137,11 @@ class Generator:
             raise CheckpointError(
                 f"checkpoint {path} was made with encoder {meta['encoder']['name']} "
                 f"({meta['encoder']['version']}), not {encoder.name} ({encoder.version})")
-        t = load_file(str(w_p))
+        try:
+            t = load_file(str(w_p))
+        except SafetensorError as e:
+            raise CheckpointError(f"{w_p} is not a readable safetensors file ({e}): the "
+                                  "checkpoint is damaged; copy it again or retrain") from e
         dit, ema = build_dit_from_meta(meta), build_dit_from_meta(meta)
         dit.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("dit.")})
         ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
