@@ -36,8 +36,7 @@ def one_module(generic, arch: str, task: tuple[int, ...], train: ImageSet, zoo, 
     keep = torch.randperm(len(data), generator=gen)[: zoo.max_train_images]
     data = ImageSet(data.images[keep], data.labels[keep], data.classes)
     model = init_pmodel(generic, arch, task)
-    convs = [m.weight for m in model.body if isinstance(m, torch.nn.Conv2d)]
-    frozen = convs[: zoo.frozen_convs]  # kept at the generic weights, as in tina.zoo
+    frozen = [c.weight for c in model.convs()[: zoo.frozen_convs]]  # generic weights, as tina.zoo
     opt = torch.optim.Adam([p for p in model.parameters() if all(p is not f for f in frozen)],
                            lr=zoo.lr)
     steps = 0

@@ -126,7 +126,7 @@ def recipe_one_at_a_time(generic, task, train, cfg, seed):
         keep = torch.randperm(len(data), generator=gen)[: cfg.max_train_images]
         data = ImageSet(data.images[keep], data.labels[keep], data.classes)
     model = init_pmodel(generic, ARCH, task)
-    frozen = [c.weight for c in model.body if isinstance(c, torch.nn.Conv2d)][: cfg.frozen_convs]
+    frozen = [c.weight for c in model.convs()[: cfg.frozen_convs]]
     opt = torch.optim.Adam([p for p in model.parameters() if all(p is not f for f in frozen)],
                            lr=cfg.lr)
     steps = max(1, round(cfg.epochs * len(data) / cfg.batch_size))

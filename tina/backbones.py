@@ -67,6 +67,10 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(c, k)
         self.feat_dim = c
 
+    def convs(self) -> list[nn.Conv2d]:
+        """The conv layers in order (in `body`, each is followed by its ReLU)."""
+        return [m for m in self.body if isinstance(m, nn.Conv2d)]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) float32 -> pooled features (N, feat_dim) float32."""
         return self.body(x).mean(dim=(2, 3))

@@ -79,7 +79,7 @@ class StackedCNN(nn.Module):
         shapes = {tuple(p.shape for p in m.parameters()) for m in models}
         if len(shapes) != 1:
             raise ValueError(f"StackedCNN needs models of one shape, got {len(shapes)} shapes")
-        convs = [m for m in models[0].body if isinstance(m, nn.Conv2d)]
+        convs = models[0].convs()
         if not 0 <= first <= len(convs):
             raise ValueError(f"first={first}: the models have {len(convs)} convs")
         convs = convs[first:]
@@ -96,7 +96,7 @@ class StackedCNN(nn.Module):
 
     @staticmethod
     def _conv_weights(model: SmallCNN) -> list[torch.Tensor]:
-        return [m.weight for m in model.body if isinstance(m, nn.Conv2d)]
+        return [c.weight for c in model.convs()]
 
     def logits_kn(self, x: torch.Tensor) -> torch.Tensor:
         """Model b's inputs in x[b] -> logits (B, K, N) float32.
@@ -141,7 +141,7 @@ def frozen_input(model: SmallCNN, first: int, x: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: `first` is 0 (the input is then the images) or past the last conv.
     """
-    convs = [m for m in model.body if isinstance(m, nn.Conv2d)]
+    convs = model.convs()
     if not 0 < first <= len(convs):
         raise ValueError(f"first={first}: use 1..{len(convs)}")
     h = model.body[: 2 * first](x)  # (Conv2d, ReLU) pairs

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm import tqdm
 
 from tina.backbones import ParamLayout, SmallCNN, build_model
@@ -168,7 +167,7 @@ def finetune_pmodels(generic: SmallCNN, arch: str, tasks: Sequence[Sequence[int]
 def n_frozen(generic: SmallCNN, cfg: ZooConfig, head_only: bool) -> int:
     """How many leading convs p-models keep at the generic weights: all of them if `head_only`,
     else `cfg.frozen_convs`. Raises ValueError when that exceeds the architecture's convs."""
-    n_convs = sum(isinstance(m, nn.Conv2d) for m in generic.body)
+    n_convs = len(generic.convs())
     if cfg.frozen_convs > n_convs:
         raise ValueError(f"zoo.frozen_convs={cfg.frozen_convs} but the architecture has "
                          f"{n_convs} convs")
